@@ -1,0 +1,237 @@
+"""The `dicomhub` command: up, hub, watch, keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from . import __version__, keys
+from .config import ENV_KEY, Config, WatcherConfig, load
+from .errors import DicomhubError
+
+log = logging.getLogger("dicomhub")
+
+LOCAL_INGEST_KEY = "watcher-local"
+LOCAL_READ_KEY = "read-local"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.Formatter.converter = time.gmtime
+    # websockets logs every failed handshake with its traceback; our link says it better.
+    logging.getLogger("websockets").setLevel(logging.CRITICAL)
+
+
+async def _until_signalled(main: Awaitable[None]) -> None:
+    """Run `main` until it ends or SIGINT/SIGTERM arrives, then let it clean up."""
+    task = asyncio.ensure_future(main)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+# keys ---------------------------------------------------------------------------------
+
+
+def _store(config: Config):  # type: ignore[no-untyped-def]
+    from hub.sqlite_store import SQLiteStore
+
+    return SQLiteStore(config.hub.database)
+
+
+async def _keys(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    await store.open()
+    try:
+        if args.keys_command == "create":
+            name, role = keys.check_name(args.name), keys.check_role(args.role)
+            key = keys.generate()
+            await store.create_key(name, role, keys.digest(key), time.time())
+            print(key)
+            print(f"created {role} key {name!r}; it is shown only once", file=sys.stderr)
+        elif args.keys_command == "list":
+            rows = await store.list_keys()
+            print(f"{'NAME':<24} {'ROLE':<7} {'CREATED':<25} REVOKED")
+            for row in rows:
+                print(f"{row['name']:<24} {row['role']:<7} {row['created']:<25} "
+                      f"{row['revoked'] or '-'}")
+        elif args.keys_command == "revoke":
+            if not await store.revoke_key(args.name, time.time()):
+                print(f"error: no live key named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"revoked key {args.name!r}", file=sys.stderr)
+    finally:
+        await store.close()
+    return 0
+
+
+def _watcher_key(config: WatcherConfig, environ: os._Environ[str] | dict[str, str]) -> str:
+    """The ingest key from $DICOMHUB_KEY or [watcher] key_file, checked before anything starts."""
+    value = environ.get(ENV_KEY)
+    if value:
+        return keys.check(value, f"${ENV_KEY}")
+    if config.key_file is None:
+        raise DicomhubError(f"no ingest key: set ${ENV_KEY} or [watcher] key_file")
+    try:
+        text = config.key_file.read_text()
+    except FileNotFoundError:
+        raise DicomhubError(f"no ingest key: ${ENV_KEY} is not set and [watcher] key_file "
+                            f"{str(config.key_file)!r} does not exist") from None
+    except OSError as exc:
+        raise DicomhubError(f"[watcher] key_file {str(config.key_file)!r} cannot be read: "
+                            f"{exc.strerror}") from None
+    return keys.check(text, f"[watcher] key_file {str(config.key_file)!r}")
+
+
+async def _local_keys(config: Config) -> tuple[str, str | None]:
+    """For `up`: the local watcher's ingest key (made or reused) and, on the very
+    first start only, a new read key to show the user."""
+    store = _store(config)
+    await store.open()
+    try:
+        first_start = await store.count_keys() == 0
+        key_file = config.watcher.key_file or config.watcher.state_dir / "ingest.key"
+        ingest_key = None
+        with contextlib.suppress(OSError, keys.KeyFormatError):
+            candidate = keys.check(key_file.read_text(), "key file")
+            if await store.find_key(keys.digest(candidate)) is not None:
+                ingest_key = candidate
+        if ingest_key is None:
+            await store.revoke_key(LOCAL_INGEST_KEY, time.time())
+            ingest_key = keys.generate()
+            await store.create_key(LOCAL_INGEST_KEY, "ingest", keys.digest(ingest_key),
+                                   time.time())
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(ingest_key + "\n")
+        read_key = None
+        if first_start:
+            read_key = keys.generate()
+            await store.create_key(LOCAL_READ_KEY, "read", keys.digest(read_key), time.time())
+        return ingest_key, read_key
+    finally:
+        await store.close()
+
+
+# services -------------------------------------------------------------------------------
+
+
+async def _hub(config: Config) -> None:
+    from hub.app import start
+
+    runner, url = await start(config.hub)
+    print(f"dicomhub hub listening on {url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def _watch(config: Config, key: str) -> None:
+    from watcher.service import Watcher
+
+    await Watcher(config.watcher, key).run()
+
+
+async def _up(config: Config) -> None:
+    from hub.app import start
+    from watcher.service import Watcher
+
+    ingest_key, read_key = await _local_keys(config)
+    runner, url = await start(config.hub)
+    try:
+        ws_url = url.replace("http://", "ws://", 1) + "/ws/ingest"
+        watcher = Watcher(replace(config.watcher, hub_url=ws_url), ingest_key)
+        folders = ", ".join(str(p) for p in config.watcher.watch)
+        lines = [f"dicomhub {__version__} is running",
+                 f"  dashboard   {url}/",
+                 f"  REST API    {url}/api/series",
+                 f"  watching    {folders}"]
+        if read_key is not None:
+            lines += ["", "  read key (shown once; keep it):", f"    {read_key}", "",
+                      f'  curl -H "Authorization: Bearer {read_key}" {url}/api/series']
+        else:
+            lines += ["  (make a read key with: dicomhub keys create --role read --name NAME)"]
+        print("\n".join(lines), flush=True)
+        await watcher.run()
+    finally:
+        await runner.cleanup()
+
+
+# parsing -------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given before the command must survive the subparser's defaults.
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="config file (default: $DICOMHUB_CONFIG or ./config.toml)")
+    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(prog="dicomhub", parents=[common],
+                                     description="A watched folder of DICOM files as a "
+                                                 "live, queryable index.")
+    parser.add_argument("--version", action="version", version=f"dicomhub {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("up", parents=[common], help="run the hub and a watcher together")
+    sub.add_parser("hub", parents=[common], help="run the hub alone")
+    sub.add_parser("watch", parents=[common], help="run a watcher alone (key from "
+                   f"${ENV_KEY} or [watcher] key_file)")
+    keys_parser = sub.add_parser("keys", parents=[common], help="manage API keys")
+    keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True,
+                                          metavar="ACTION")
+    create = keys_sub.add_parser("create", parents=[common],
+                                 help="create a key and print it (the only stdout line)")
+    create.add_argument("--role", required=True, choices=keys.ROLES)
+    create.add_argument("--name", required=True)
+    keys_sub.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
+    revoke = keys_sub.add_parser("revoke", parents=[common], help="revoke a key by name")
+    revoke.add_argument("name")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load(getattr(args, "config", None))
+        level = getattr(args, "log_level", None) or (config.watcher.log_level if args.command == "watch"
+                                   else config.hub.log_level)
+        _setup_logging(level)
+        runner: Callable[[], Awaitable[object]]
+        if args.command == "keys":
+            return asyncio.run(_keys(args, config))
+        if args.command == "watch":
+            key = _watcher_key(config.watcher, os.environ)
+            runner = lambda: _watch(config, key)  # noqa: E731
+        elif args.command == "hub":
+            runner = lambda: _hub(config)  # noqa: E731
+        else:
+            runner = lambda: _up(config)  # noqa: E731
+        asyncio.run(_until_signalled(runner()))  # type: ignore[arg-type]
+        return 0
+    except (DicomhubError, keys.KeyFormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

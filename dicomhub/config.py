@@ -1,0 +1,196 @@
+"""Configuration: `config.toml` loaded into frozen, typed objects.
+
+Relative paths resolve against the folder of the file they come from, so a
+config works the same from any working directory. Errors name the key and the
+value: ``Config 'hub.port' has value 'abc': not an integer``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_FILE = "config.toml"
+ENV_CONFIG = "DICOMHUB_CONFIG"
+ENV_KEY = "DICOMHUB_KEY"
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database: Path = Path("data/hub.sqlite3")
+    stable_after: float = 10.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class WatcherConfig:
+    hub_url: str = "ws://127.0.0.1:8080/ws/ingest"
+    watch: tuple[Path, ...] = (Path("inbox"),)
+    state_dir: Path = Path("data/watcher")
+    settle: float = 1.0
+    key_file: Path | None = Path("data/watcher/ingest.key")
+    watcher_id: str = ""
+    polling: bool = False
+    poll_interval: float = 2.0
+    workers: int = 0  # 0 = one per core
+    batch_size: int = 200
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    hub: HubConfig = field(default_factory=HubConfig)
+    watcher: WatcherConfig = field(default_factory=WatcherConfig)
+    source: Path | None = None  # the file it came from, None for built-in defaults
+
+
+def _fail(key: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"Config '{key}' has value {value!r}: {why}")
+
+
+class _Section:
+    """Typed reads from one table of the TOML document."""
+
+    def __init__(self, name: str, table: Any, base: Path) -> None:
+        if not isinstance(table, dict):
+            raise _fail(name, table, "expected a table")
+        self.name, self.table, self.base = name, dict(table), base
+
+    def _get(self, key: str, default: Any) -> Any:
+        return self.table.pop(key, default)
+
+    def string(self, key: str, default: str) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise _fail(f"{self.name}.{key}", value, "not a string")
+        return value
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        value = self._get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _fail(f"{self.name}.{key}", value, "not an integer")
+        if not lo <= value <= hi:
+            raise _fail(f"{self.name}.{key}", value, f"must be between {lo} and {hi}")
+        return value
+
+    def number(self, key: str, default: float, lo: float, hi: float) -> float:
+        value = self._get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise _fail(f"{self.name}.{key}", value, "not a number")
+        if not lo <= value <= hi:
+            raise _fail(f"{self.name}.{key}", value, f"must be between {lo} and {hi}")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise _fail(f"{self.name}.{key}", value, "not true or false")
+        return value
+
+    def path(self, key: str, default: Path | None) -> Path | None:
+        value = self._get(key, default)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, (str, Path)):
+            raise _fail(f"{self.name}.{key}", value, "not a path string")
+        return (self.base / Path(value).expanduser()).resolve()
+
+    def paths(self, key: str, default: tuple[Path, ...]) -> tuple[Path, ...]:
+        value = self._get(key, [str(p) for p in default])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(
+            isinstance(v, str) and v for v in value
+        ):
+            raise _fail(f"{self.name}.{key}", value, "expected a non-empty list of folders")
+        return tuple((self.base / Path(v).expanduser()).resolve() for v in value)
+
+    def level(self, key: str) -> str:
+        value = self.string(key, "info").lower()
+        if value not in ("debug", "info", "warning", "error"):
+            raise _fail(f"{self.name}.{key}", value, "not one of debug, info, warning, error")
+        return value
+
+    def done(self) -> None:
+        if self.table:
+            unknown = ", ".join(sorted(self.table))
+            raise ConfigError(f"Config '{self.name}' has unknown key(s): {unknown}")
+
+
+def _hub(section: _Section) -> HubConfig:
+    d = HubConfig()
+    hub = HubConfig(
+        host=section.string("host", d.host),
+        port=section.integer("port", d.port, 0, 65535),
+        database=section.path("database", d.database) or d.database,
+        stable_after=section.number("stable_after", d.stable_after, 0.0, 7 * 86400.0),
+        log_level=section.level("log_level"),
+    )
+    section.done()
+    return hub
+
+
+def _watcher(section: _Section) -> WatcherConfig:
+    d = WatcherConfig()
+    url = section.string("hub_url", d.hub_url)
+    if not url.startswith(("ws://", "wss://")):
+        raise _fail("watcher.hub_url", url, "must start with ws:// or wss://")
+    watcher = WatcherConfig(
+        hub_url=url,
+        watch=section.paths("watch", d.watch),
+        state_dir=section.path("state_dir", d.state_dir) or d.state_dir,
+        settle=section.number("settle", d.settle, 0.0, 3600.0),
+        key_file=section.path("key_file", d.key_file),
+        watcher_id=section.string("id", d.watcher_id),
+        polling=section.boolean("polling", d.polling),
+        poll_interval=section.number("poll_interval", d.poll_interval, 0.1, 3600.0),
+        workers=section.integer("workers", d.workers, 0, 256),
+        batch_size=section.integer("batch_size", d.batch_size, 1, 1000),
+        log_level=section.level("log_level"),
+    )
+    section.done()
+    return watcher
+
+
+def parse(document: Mapping[str, Any], base: Path, source: Path | None = None) -> Config:
+    doc = dict(document)
+    config = Config(
+        hub=_hub(_Section("hub", doc.pop("hub", {}), base)),
+        watcher=_watcher(_Section("watcher", doc.pop("watcher", {}), base)),
+        source=source,
+    )
+    if doc:
+        raise ConfigError(f"Config has unknown section(s): {', '.join(sorted(doc))}")
+    return config
+
+
+def load(path: str | os.PathLike[str] | None = None,
+         environ: Mapping[str, str] | None = None) -> Config:
+    """Load the config named by `path`, else $DICOMHUB_CONFIG, else ./config.toml.
+
+    When none is given and ./config.toml does not exist, the built-in defaults
+    apply, relative to the working directory.
+    """
+    env = os.environ if environ is None else environ
+    explicit = path if path is not None else env.get(ENV_CONFIG) or None
+    file = Path(explicit if explicit is not None else DEFAULT_FILE).expanduser()
+    if not file.exists():
+        if explicit is not None:
+            raise ConfigError(f"Config file {str(file)!r} does not exist")
+        return parse({}, Path.cwd().resolve())
+    try:
+        with file.open("rb") as fh:
+            document = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Config file {str(file)!r} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"Config file {str(file)!r} cannot be read: {exc.strerror}") from None
+    return parse(document, file.resolve().parent, file.resolve())

@@ -1,0 +1,166 @@
+"""REST reads: JSON, snake_case, times in ISO 8601 UTC, keyset paging.
+
+Handlers parse, call the store, respond. Every list answers
+``{"items": [...], "next_cursor": str | null}``; pass `cursor` back to continue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from dicomhub import __version__
+
+from . import query
+from .auth import STORE_KEY, json_error, public, requires
+from .store import ListQuery, Page
+
+log = logging.getLogger("dicomhub.hub")
+routes = web.RouteTableDef()
+
+MAX_CHANGES = 1000
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, ensure_ascii=False, separators=(",", ":")),
+                        status=status, content_type="application/json")
+
+
+def _page(page: Page) -> web.Response:
+    return _json({"items": page.items, "next_cursor": query.encode_cursor(page.next_after)})
+
+
+def _list_query(request: web.Request, filters: tuple[str, ...]) -> ListQuery:
+    try:
+        return query.list_query(request.query, filters)
+    except query.BadQuery as exc:
+        raise json_error(web.HTTPBadRequest, str(exc)) from None
+
+
+def _no_params(request: web.Request) -> None:
+    if request.query:
+        raise json_error(web.HTTPBadRequest, f"unknown parameter(s) "
+                         f"{', '.join(map(repr, sorted(request.query)))}; this endpoint takes none")
+
+
+def _not_found(what: str) -> web.HTTPException:
+    return json_error(web.HTTPNotFound, f"no {what} with that identifier")
+
+
+@routes.get("/api/health")
+@public
+async def health(request: web.Request) -> web.Response:
+    return _json({"status": "ok", "version": __version__})
+
+
+@routes.get("/api/series")
+@requires("read")
+async def list_series(request: web.Request) -> web.Response:
+    q = _list_query(request, ("patient_id", "study_instance_uid", "modality", "status"))
+    return _page(await request.app[STORE_KEY].list_series(q))
+
+
+@routes.get("/api/series/{uid}")
+@requires("read")
+async def get_series(request: web.Request) -> web.Response:
+    _no_params(request)
+    item = await request.app[STORE_KEY].get_series(request.match_info["uid"])
+    if item is None:
+        raise _not_found("series")
+    return _json(item)
+
+
+@routes.get("/api/studies")
+@requires("read")
+async def list_studies(request: web.Request) -> web.Response:
+    q = _list_query(request, ("patient_id", "accession_number", "study_date"))
+    return _page(await request.app[STORE_KEY].list_studies(q))
+
+
+@routes.get("/api/studies/{uid}")
+@requires("read")
+async def get_study(request: web.Request) -> web.Response:
+    _no_params(request)
+    item = await request.app[STORE_KEY].get_study(request.match_info["uid"])
+    if item is None:
+        raise _not_found("study")
+    return _json(item)
+
+
+@routes.get("/api/patients")
+@requires("read")
+async def list_patients(request: web.Request) -> web.Response:
+    q = _list_query(request, ("patient_id",))
+    return _page(await request.app[STORE_KEY].list_patients(q))
+
+
+# A Patient ID may hold '/', so the route takes the rest of the path (percent-encoded).
+@routes.get("/api/patients/{patient_id:.+}")
+@requires("read")
+async def get_patient(request: web.Request) -> web.Response:
+    _no_params(request)
+    item = await request.app[STORE_KEY].get_patient(request.match_info["patient_id"])
+    if item is None:
+        raise _not_found("patient")
+    return _json(item)
+
+
+@routes.get("/api/rejections")
+@requires("read")
+async def list_rejections(request: web.Request) -> web.Response:
+    q = _list_query(request, ("reason", "watcher_id"))
+    return _page(await request.app[STORE_KEY].list_rejections(q))
+
+
+@routes.get("/api/changes")
+@requires("read")
+async def list_changes(request: web.Request) -> web.Response:
+    try:
+        query.check_known(request.query, {"since", "limit"})
+        since = query.integer(request.query, "since", 0, 0, 2**62)
+        limit = query.integer(request.query, "limit", 100, 1, MAX_CHANGES)
+    except query.BadQuery as exc:
+        raise json_error(web.HTTPBadRequest, str(exc)) from None
+    changes = await request.app[STORE_KEY].changes(since, limit)
+    # As Orthanc's /changes: poll again with since=last; done says nothing more is waiting.
+    return _json({"changes": [c.to_json() for c in changes],
+                  "last": changes[-1].seq if changes else since,
+                  "done": len(changes) < limit})
+
+
+@routes.get("/api/watchers")
+@requires("read")
+async def list_watchers(request: web.Request) -> web.Response:
+    _no_params(request)
+    return _json({"items": await request.app[STORE_KEY].list_watchers()})
+
+
+@routes.get("/api/stats")
+@requires("read")
+async def stats(request: web.Request) -> web.Response:
+    _no_params(request)
+    return _json(await request.app[STORE_KEY].stats())
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error leaves as JSON with a message; unexpected ones never leak details."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json" or exc.status < 400:
+            raise
+        raise json_error(type(exc), exc.reason, **{
+            k: v for k, v in exc.headers.items() if k.lower() == "allow"}) from None
+    except Exception:
+        # The route pattern, never the path: paths can carry a Patient ID.
+        log.exception("internal error handling %s %s", request.method, _route_name(request))
+        raise json_error(web.HTTPInternalServerError, "internal error; see the hub's log")
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "(unmatched)"

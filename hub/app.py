@@ -1,0 +1,124 @@
+"""The hub's aiohttp application: `create_app(config)` for `dicomhub hub` and tests alike."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from importlib import resources
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_log import AccessLogger
+
+from dicomhub.config import HubConfig
+
+from . import api, ingest
+from .auth import STORE_KEY, auth_middleware, public
+from .monitor import SeriesMonitor
+from .sqlite_store import SQLiteStore
+from .store import Change, Store
+
+log = logging.getLogger("dicomhub.hub")
+
+CONFIG_KEY = web.AppKey("config", HubConfig)
+MONITOR_KEY = web.AppKey("monitor", SeriesMonitor)
+SUBSCRIBERS_KEY = web.AppKey("subscribers", list)
+
+WEB_FILES = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+}
+
+
+def _web_dir() -> Path:
+    return Path(str(resources.files("web")))
+
+
+class RouteAccessLogger(AbstractAccessLogger):
+    """Access log with the route pattern instead of the path and no query string:
+    both can carry a Patient ID, which must never reach a log."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        match_info = getattr(request, "match_info", None)
+        resource = match_info.route.resource if match_info is not None else None
+        route = resource.canonical if resource is not None else "(unmatched)"
+        self.logger.info("%s %s %s %d %.1fms", request.remote, request.method, route,
+                         response.status, time * 1000)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+def _web_handler(name: str) -> Callable[[web.Request], object]:
+    @public
+    async def serve(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(_web_dir() / name, headers={
+            "Content-Type": WEB_FILES[name],
+            "Cache-Control": "no-cache",
+            "X-Content-Type-Options": "nosniff",
+            "X-Frame-Options": "DENY",
+            "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+        })
+
+    return serve
+
+
+def create_app(config: HubConfig, store: Store | None = None) -> web.Application:
+    app = web.Application(middlewares=[api.error_middleware, auth_middleware],
+                          client_max_size=1024 * 1024)
+    app[CONFIG_KEY] = config
+    app[STORE_KEY] = store or SQLiteStore(config.database)
+    app[SUBSCRIBERS_KEY] = []
+    app[ingest.INGEST_SOCKETS] = {}
+
+    def publish(changes: Sequence[Change]) -> None:
+        for subscriber in app[SUBSCRIBERS_KEY]:
+            subscriber(changes)
+
+    app[ingest.PUBLISH] = publish
+    app.add_routes(api.routes)
+    app.add_routes(ingest.routes)
+    app.router.add_get("/", _web_handler("index.html"))
+    for name in WEB_FILES:
+        app.router.add_get(f"/{name}", _web_handler(name))
+    app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_close_sockets)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE_KEY]
+    await store.open()
+    await store.reset_watchers()
+    monitor = SeriesMonitor(store, app[CONFIG_KEY].stable_after, app[ingest.PUBLISH])
+    app[MONITOR_KEY] = monitor
+    app[ingest.TOUCH] = monitor.touch
+    await monitor.start()
+    yield
+    await monitor.stop()
+    await store.close()
+
+
+async def _close_sockets(app: web.Application) -> None:
+    sockets = list(app[ingest.INGEST_SOCKETS].values())
+    await asyncio.gather(*(ws.close(code=1001, message=b"hub shutting down")
+                           for ws in sockets), return_exceptions=True)
+
+
+async def start(config: HubConfig, store: Store | None = None) -> tuple[web.AppRunner, str]:
+    """Start serving; return the runner (for cleanup) and the base URL actually bound."""
+    app = create_app(config, store)
+    runner = web.AppRunner(app, access_log_class=RouteAccessLogger,
+                           access_log=logging.getLogger("dicomhub.access"),
+                           shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    sockets = site._server.sockets if site._server else ()  # type: ignore[union-attr]
+    port = sockets[0].getsockname()[1] if sockets else config.port
+    host = config.host if ":" not in config.host else f"[{config.host}]"
+    return runner, f"http://{host}:{port}"

@@ -1,0 +1,158 @@
+"""`/ws/ingest`: one persistent WebSocket per watcher.
+
+The watcher says hello, then sends batches; each batch is stored in one
+transaction and acknowledged only after the commit. A malformed frame gets an
+error frame naming the problem and touches nothing else; a store failure
+closes the socket (the watcher keeps the batch and retries after reconnecting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from dicomhub import __version__
+from dicomhub.protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Batch,
+    Error,
+    Hello,
+    Message,
+    ProtocolError,
+    Welcome,
+    encode_message,
+    parse_message,
+)
+
+from .auth import KEY_INFO, STORE_KEY, requires
+from .store import KeyInfo
+
+log = logging.getLogger("dicomhub.hub")
+
+HELLO_TIMEOUT = 30.0
+MAX_FRAME = 16 * 1024 * 1024  # a full batch of records with long paths fits easily
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+CLOSE_REPLACED = 4000
+
+INGEST_SOCKETS = web.AppKey("ingest_sockets", dict)
+PUBLISH = web.AppKey("publish", Any)
+TOUCH = web.AppKey("touch", Any)
+
+
+async def _send(ws: web.WebSocketResponse, message: Message) -> None:
+    await ws.send_str(encode_message(message))
+
+
+async def _hello(ws: web.WebSocketResponse) -> Hello | None:
+    try:
+        msg = await ws.receive(timeout=HELLO_TIMEOUT)
+    except asyncio.TimeoutError:
+        await _fatal(ws, "no hello within 30 s")
+        return None
+    if msg.type != WSMsgType.TEXT:
+        if msg.type not in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+            await _fatal(ws, "the first frame must be a text hello")
+        return None
+    try:
+        hello = parse_message(msg.data)
+    except ProtocolError as exc:
+        await _fatal(ws, f"bad hello: {exc}")
+        return None
+    if not isinstance(hello, Hello):
+        await _fatal(ws, f"expected a hello first, got {hello.type!r}")
+        return None
+    if hello.protocol != PROTOCOL_VERSION:
+        await _fatal(ws, f"protocol version {hello.protocol} is not supported; "
+                         f"this hub speaks version {PROTOCOL_VERSION}")
+        return None
+    return hello
+
+
+async def _fatal(ws: web.WebSocketResponse, message: str, code: int = CLOSE_POLICY) -> None:
+    if not ws.closed:
+        await _send(ws, Error(message=message, fatal=True))
+        await ws.close(code=code, message=message[:120].encode())
+
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/ws/ingest")
+@requires("ingest")
+async def ingest(request: web.Request) -> web.StreamResponse:
+    key: KeyInfo = request[KEY_INFO]
+    ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=MAX_FRAME)
+    await ws.prepare(request)
+    hello = await _hello(ws)
+    if hello is None:
+        return ws
+    app = request.app
+    store, sockets = app[STORE_KEY], app[INGEST_SOCKETS]
+    watcher_id = hello.watcher_id
+    previous = sockets.get(watcher_id)
+    if previous is not None:
+        # The same watcher again: its old connection is half-dead (a restart, a
+        # network change). The newest one wins.
+        await previous.close(code=CLOSE_REPLACED, message=b"replaced by a newer connection")
+    sockets[watcher_id] = ws
+    address = request.remote or ""
+    app[PUBLISH]([await store.watcher_connected(watcher_id, key.name, hello.software,
+                                                address, hello.backlog, time.time())])
+    log.info("watcher %s connected from %s (key %s)", watcher_id, address, key.name)
+    try:
+        await _send(ws, Welcome(protocol=PROTOCOL_VERSION, hub=f"dicomhub {__version__}"))
+        await _serve(ws, app, watcher_id)
+    finally:
+        if sockets.get(watcher_id) is ws:
+            del sockets[watcher_id]
+            change = await store.watcher_disconnected(watcher_id, time.time())
+            app[PUBLISH]([change])
+            log.info("watcher %s disconnected", watcher_id)
+    return ws
+
+
+async def _serve(ws: web.WebSocketResponse, app: web.Application, watcher_id: str) -> None:
+    store = app[STORE_KEY]
+    async for msg in ws:
+        if msg.type != WSMsgType.TEXT:
+            if msg.type == WSMsgType.BINARY:
+                await _send(ws, Error(message="binary frames are not part of the protocol"))
+            continue
+        try:
+            message = parse_message(msg.data)
+        except ProtocolError as exc:
+            await _send(ws, Error(message=str(exc), batch_id=_batch_id(msg.data)))
+            continue
+        if not isinstance(message, Batch):
+            await _send(ws, Error(message=f"unexpected {message.type!r} message"))
+            continue
+        try:
+            result = await store.ingest(watcher_id, message.records, time.time(),
+                                        message.backlog)
+        except Exception:
+            log.exception("storing batch %d from watcher %s failed", message.batch_id,
+                          watcher_id)
+            await _fatal(ws, "the hub could not store this batch; retry later",
+                         CLOSE_INTERNAL)
+            return
+        await _send(ws, Ack(batch_id=message.batch_id, stored=result.stored,
+                            duplicates=result.duplicates, rejected=result.rejected))
+        app[TOUCH](result.touched)
+        app[PUBLISH](result.changes)
+
+
+def _batch_id(data: str) -> int | None:
+    """Best effort: name the batch an error is about, so the watcher can log it."""
+    try:
+        value = json.loads(data).get("batch_id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None

@@ -1,0 +1,584 @@
+"""The SQLite store (the embedded default).
+
+Writes run on one dedicated thread with a plain sqlite3 connection: a batch is
+one Python function inside one `BEGIN IMMEDIATE … COMMIT`, so it costs one
+thread hop instead of one per statement, and SQLite's single writer is never
+contended. Reads use aiosqlite on a second connection; WAL mode lets them run
+while a batch commits. `synchronous=FULL` makes a commit durable before the
+watcher is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from dicomhub.errors import StoreError
+from dicomhub.protocol import InstanceRecord, Record, Rejection
+
+from . import schema
+from .store import Change, IngestResult, KeyInfo, ListQuery, Page, Store, iso
+
+T = TypeVar("T")
+
+_SERIES_SELECT = """
+    SELECT s.id, s.series_instance_uid, st.study_instance_uid, p.patient_id,
+           p.patient_name, s.modality, s.series_number, s.series_description,
+           s.body_part_examined, s.series_date, s.series_time, s.instance_count,
+           s.status, s.first_seen, s.last_seen, s.stable_since
+    FROM series s JOIN studies st ON st.id = s.study_pk
+                  JOIN patients p ON p.id = st.patient_pk
+"""
+_STUDY_SELECT = """
+    SELECT st.id, st.study_instance_uid, p.patient_id, p.patient_name,
+           p.patient_birth_date, p.patient_sex, st.study_date, st.study_time,
+           st.study_description, st.accession_number, st.study_id,
+           st.referring_physician_name, st.first_seen, st.last_seen,
+           (SELECT count(*) FROM series s WHERE s.study_pk = st.id) AS series_count,
+           (SELECT coalesce(sum(instance_count), 0) FROM series s
+             WHERE s.study_pk = st.id) AS instance_count,
+           (SELECT group_concat(DISTINCT modality) FROM series s
+             WHERE s.study_pk = st.id AND modality != '') AS modalities
+    FROM studies st JOIN patients p ON p.id = st.patient_pk
+"""
+_PATIENT_SELECT = """
+    SELECT p.id, p.patient_id, p.issuer_of_patient_id, p.patient_name,
+           p.patient_birth_date, p.patient_sex, p.first_seen, p.last_seen,
+           (SELECT count(*) FROM studies st WHERE st.patient_pk = p.id) AS study_count
+    FROM patients p
+"""
+_SERIES_FILTERS = {
+    "patient_id": "p.patient_id = ?",
+    "study_instance_uid": "st.study_instance_uid = ?",
+    "modality": "s.modality = ?",
+    "status": "s.status = ?",
+}
+_STUDY_FILTERS = {
+    "patient_id": "p.patient_id = ?",
+    "accession_number": "st.accession_number = ?",
+    "study_date": "st.study_date = ?",
+}
+_PATIENT_FILTERS = {"patient_id": "p.patient_id = ?"}
+_REJECTION_FILTERS = {"reason": "reason = ?", "watcher_id": "watcher_id = ?"}
+
+
+def _series_item(row: sqlite3.Row) -> dict[str, Any]:
+    item = dict(row)
+    del item["id"]
+    for key in ("first_seen", "last_seen", "stable_since"):
+        item[key] = iso(item[key])
+    return item
+
+
+def _study_item(row: sqlite3.Row) -> dict[str, Any]:
+    item = dict(row)
+    del item["id"]
+    item["modalities"] = sorted(filter(None, (item["modalities"] or "").split(",")))
+    item["first_seen"], item["last_seen"] = iso(item["first_seen"]), iso(item["last_seen"])
+    return item
+
+
+def _patient_item(row: sqlite3.Row) -> dict[str, Any]:
+    item = dict(row)
+    del item["id"]
+    item["first_seen"], item["last_seen"] = iso(item["first_seen"]), iso(item["last_seen"])
+    return item
+
+
+def _rejection_item(row: sqlite3.Row) -> dict[str, Any]:
+    item = dict(row)
+    del item["id"]
+    item["time"] = iso(item["time"])
+    return item
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    con.row_factory = sqlite3.Row
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    con.execute("PRAGMA foreign_keys=ON")
+    return con
+
+
+def migrate(con: sqlite3.Connection) -> None:
+    """Bring the schema to the current version, each step in one transaction."""
+    con.execute("BEGIN IMMEDIATE")  # one migrating process at a time
+    try:
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        if version > schema.VERSION:
+            raise StoreError(
+                f"database schema version {version} is newer than this dicomhub "
+                f"understands ({schema.VERSION}); upgrade dicomhub"
+            )
+        for number in range(version, schema.VERSION):
+            for statement in schema.MIGRATIONS[number]:
+                con.execute(statement)
+        con.execute(f"PRAGMA user_version = {schema.VERSION}")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._w: sqlite3.Connection | None = None
+        self._r: aiosqlite.Connection | None = None
+
+    # lifecycle ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._w = await self._write(_connect, self.path)
+            await self._write(migrate, self._w)
+            self._r = await aiosqlite.connect(self.path, isolation_level=None)
+            self._r.row_factory = sqlite3.Row
+            await self._r.execute("PRAGMA query_only=ON")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {str(self.path)!r}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot open database {str(self.path)!r}: {exc.strerror}") from exc
+
+    async def close(self) -> None:
+        if self._r is not None:
+            await self._r.close()
+            self._r = None
+        if self._w is not None:
+            con, self._w = self._w, None
+            await self._write(con.close)
+        self._writer.shutdown(wait=True)
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        con = self._w
+        assert con is not None, "store is not open"
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(con)
+            con.execute("COMMIT")
+            return result
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        assert self._r is not None, "store is not open"
+        async with self._r.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        rows = await self._fetchall(sql, params)
+        return rows[0] if rows else None
+
+    # ingest ------------------------------------------------------------------
+
+    async def ingest(self, watcher_id: str, records: Sequence[Record], now: float,
+                     backlog: int = 0) -> IngestResult:
+        return await self._write(
+            self._transaction, lambda con: _Ingest(con, watcher_id, now).run(records, backlog))
+
+    async def receiving_series(self) -> list[tuple[str, float]]:
+        rows = await self._fetchall(
+            "SELECT series_instance_uid, last_seen FROM series WHERE status = 'receiving'")
+        return [(r[0], r[1]) for r in rows]
+
+    async def mark_stable(self, series_uids: Sequence[str], now: float,
+                          stable_after: float) -> list[Change]:
+        def run(con: sqlite3.Connection) -> list[Change]:
+            changes = []
+            for uid in series_uids:
+                row = con.execute(
+                    "UPDATE series SET status = 'stable', stable_since = ? "
+                    "WHERE series_instance_uid = ? AND status = 'receiving' "
+                    "AND last_seen <= ? RETURNING id",
+                    (now, uid, now - stable_after)).fetchone()
+                if row is not None:
+                    changes.append(_log(con, now, "series.stable", _series_state(con, row[0])))
+            return changes
+
+        return await self._write(self._transaction, run)
+
+    # watchers ----------------------------------------------------------------
+
+    async def watcher_connected(self, watcher_id: str, key_name: str, software: str,
+                                address: str, backlog: int, now: float) -> Change:
+        def run(con: sqlite3.Connection) -> Change:
+            con.execute(
+                "INSERT INTO watchers (watcher_id, key_name, software, address, connected,"
+                " backlog, first_seen, last_seen) VALUES (?, ?, ?, ?, 1, ?, ?, ?) "
+                "ON CONFLICT (watcher_id) DO UPDATE SET key_name = excluded.key_name,"
+                " software = excluded.software, address = excluded.address, connected = 1,"
+                " backlog = excluded.backlog, last_seen = excluded.last_seen",
+                (watcher_id, key_name, software, address, backlog, now, now))
+            return _log(con, now, "watcher.connected", _watcher_state(con, watcher_id))
+
+        return await self._write(self._transaction, run)
+
+    async def watcher_disconnected(self, watcher_id: str, now: float) -> Change:
+        def run(con: sqlite3.Connection) -> Change:
+            con.execute("UPDATE watchers SET connected = 0, last_seen = ? WHERE watcher_id = ?",
+                        (now, watcher_id))
+            return _log(con, now, "watcher.disconnected", _watcher_state(con, watcher_id))
+
+        return await self._write(self._transaction, run)
+
+    async def watcher_backlog(self, watcher_id: str, backlog: int, now: float) -> None:
+        def run(con: sqlite3.Connection) -> None:
+            con.execute("UPDATE watchers SET backlog = ?, last_seen = ? WHERE watcher_id = ?",
+                        (backlog, now, watcher_id))
+
+        await self._write(self._transaction, run)
+
+    async def reset_watchers(self) -> None:
+        """At start no watcher is connected, whatever the last run left behind."""
+        await self._write(self._transaction,
+                          lambda con: con.execute("UPDATE watchers SET connected = 0"))
+
+    async def list_watchers(self) -> list[dict[str, Any]]:
+        rows = await self._fetchall("SELECT * FROM watchers ORDER BY watcher_id")
+        return [_watcher_item(r) for r in rows]
+
+    # reads -------------------------------------------------------------------
+
+    async def _page(self, select: str, alias: str, filters: dict[str, str],
+                    query: ListQuery, convert: Callable[[sqlite3.Row], dict[str, Any]]) -> Page:
+        clauses = [f"{alias}.id > ?"]
+        params: list[Any] = [query.after]
+        for name, value in query.filters.items():
+            clauses.append(filters[name])
+            params.append(value)
+        sql = f"{select} WHERE {' AND '.join(clauses)} ORDER BY {alias}.id LIMIT ?"
+        rows = await self._fetchall(sql, (*params, query.limit + 1))
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        return Page([convert(r) for r in rows], rows[-1]["id"] if more else None)
+
+    async def list_series(self, query: ListQuery) -> Page:
+        return await self._page(_SERIES_SELECT, "s", _SERIES_FILTERS, query, _series_item)
+
+    async def get_series(self, series_uid: str) -> dict[str, Any] | None:
+        row = await self._fetchone(_SERIES_SELECT + " WHERE s.series_instance_uid = ?",
+                                   (series_uid,))
+        if row is None:
+            return None
+        item = _series_item(row)
+        rows = await self._fetchall(
+            "SELECT sop_instance_uid, sop_class_uid, instance_number, number_of_frames,"
+            " rows, columns, transfer_syntax_uid, watcher_id, path, size, received"
+            " FROM instances WHERE series_pk = ? ORDER BY instance_number, id",
+            (row["id"],))
+        instances = []
+        for r in rows:
+            instance = dict(r)
+            instance["received"] = iso(instance["received"])
+            instances.append(instance)
+        item["instances"] = instances
+        return item
+
+    async def list_studies(self, query: ListQuery) -> Page:
+        return await self._page(_STUDY_SELECT, "st", _STUDY_FILTERS, query, _study_item)
+
+    async def get_study(self, study_uid: str) -> dict[str, Any] | None:
+        row = await self._fetchone(_STUDY_SELECT + " WHERE st.study_instance_uid = ?",
+                                   (study_uid,))
+        if row is None:
+            return None
+        item = _study_item(row)
+        series = await self._fetchall(_SERIES_SELECT + " WHERE s.study_pk = ? ORDER BY s.id",
+                                      (row["id"],))
+        item["series"] = [_series_item(s) for s in series]
+        return item
+
+    async def list_patients(self, query: ListQuery) -> Page:
+        return await self._page(_PATIENT_SELECT, "p", _PATIENT_FILTERS, query, _patient_item)
+
+    async def get_patient(self, patient_id: str) -> dict[str, Any] | None:
+        row = await self._fetchone(_PATIENT_SELECT + " WHERE p.patient_id = ?", (patient_id,))
+        if row is None:
+            return None
+        item = _patient_item(row)
+        studies = await self._fetchall(_STUDY_SELECT + " WHERE st.patient_pk = ? ORDER BY st.id",
+                                       (row["id"],))
+        item["studies"] = [_study_item(s) for s in studies]
+        return item
+
+    async def list_rejections(self, query: ListQuery) -> Page:
+        select = ("SELECT r.id, r.watcher_id, r.path, r.reason, r.detail, r.sop_instance_uid,"
+                  " r.size, r.time FROM rejections r")
+        filters = {k: "r." + v for k, v in _REJECTION_FILTERS.items()}
+        return await self._page(select, "r", filters, query, _rejection_item)
+
+    async def changes(self, since: int, limit: int) -> list[Change]:
+        rows = await self._fetchall(
+            "SELECT seq, time, kind, payload FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+            (since, limit))
+        return [Change(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+    async def last_seq(self) -> int:
+        row = await self._fetchone("SELECT coalesce(max(seq), 0) FROM changes")
+        return int(row[0]) if row else 0
+
+    async def stats(self) -> dict[str, int]:
+        row = await self._fetchone(
+            "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),"
+            " (SELECT count(*) FROM series),"
+            " (SELECT count(*) FROM series WHERE status = 'receiving'),"
+            " (SELECT count(*) FROM instances), (SELECT count(*) FROM files),"
+            " (SELECT count(*) FROM rejections), (SELECT coalesce(max(seq), 0) FROM changes)")
+        assert row is not None
+        names = ("patients", "studies", "series", "series_receiving", "instances", "files",
+                 "rejections", "last_seq")
+        return dict(zip(names, (int(v) for v in row)))
+
+    # keys --------------------------------------------------------------------
+
+    async def create_key(self, name: str, role: str, key_hash: str, now: float) -> None:
+        def run(con: sqlite3.Connection) -> None:
+            try:
+                con.execute("INSERT INTO keys (name, role, key_hash, created) VALUES (?, ?, ?, ?)",
+                            (name, role, key_hash, now))
+            except sqlite3.IntegrityError:
+                raise StoreError(f"a key named {name!r} already exists; revoke it first "
+                                 "or choose another name") from None
+
+        await self._write(self._transaction, run)
+
+    async def find_key(self, key_hash: str) -> KeyInfo | None:
+        row = await self._fetchone(
+            "SELECT name, role FROM keys WHERE key_hash = ? AND revoked IS NULL", (key_hash,))
+        return KeyInfo(row[0], row[1]) if row else None
+
+    async def list_keys(self) -> list[dict[str, Any]]:
+        rows = await self._fetchall(
+            "SELECT name, role, created, revoked FROM keys ORDER BY revoked IS NOT NULL, name")
+        return [{"name": r[0], "role": r[1], "created": iso(r[2]), "revoked": iso(r[3])}
+                for r in rows]
+
+    async def revoke_key(self, name: str, now: float) -> bool:
+        def run(con: sqlite3.Connection) -> bool:
+            cur = con.execute("UPDATE keys SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                              (now, name))
+            return cur.rowcount > 0
+
+        return await self._write(self._transaction, run)
+
+    async def count_keys(self) -> int:
+        row = await self._fetchone("SELECT count(*) FROM keys WHERE revoked IS NULL")
+        return int(row[0]) if row else 0
+
+
+# inside the writer thread ----------------------------------------------------------
+
+
+def _log(con: sqlite3.Connection, now: float, kind: str, payload: dict[str, Any]) -> Change:
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    seq = con.execute("INSERT INTO changes (time, kind, payload) VALUES (?, ?, ?) RETURNING seq",
+                      (now, kind, text)).fetchone()[0]
+    return Change(seq, now, kind, payload)
+
+
+def _series_state(con: sqlite3.Connection, series_pk: int) -> dict[str, Any]:
+    row = con.execute(_SERIES_SELECT + " WHERE s.id = ?", (series_pk,)).fetchone()
+    return _series_item(row)
+
+
+def _watcher_item(row: sqlite3.Row) -> dict[str, Any]:
+    item = dict(row)
+    item["connected"] = bool(item["connected"])
+    item["first_seen"], item["last_seen"] = iso(item["first_seen"]), iso(item["last_seen"])
+    return item
+
+
+def _watcher_state(con: sqlite3.Connection, watcher_id: str) -> dict[str, Any]:
+    row = con.execute("SELECT * FROM watchers WHERE watcher_id = ?", (watcher_id,)).fetchone()
+    return _watcher_item(row)
+
+
+class _Ingest:
+    """One batch, applied inside the caller's transaction."""
+
+    def __init__(self, con: sqlite3.Connection, watcher_id: str, now: float) -> None:
+        self.con, self.watcher_id, self.now = con, watcher_id, now
+        self.patients: dict[str, int] = {}
+        self.studies: dict[str, int] = {}
+        self.series: dict[str, int] = {}
+        self.created: set[int] = set()
+        self.grown: dict[int, str] = {}  # series pk -> uid
+        self.stored = self.duplicates = self.rejected = 0
+        self.changes: list[Change] = []
+
+    def run(self, records: Sequence[Record], backlog: int) -> IngestResult:
+        for record in records:
+            if isinstance(record, Rejection):
+                self.reject(record)
+            else:
+                self.instance(record)
+        for pk in self.grown:
+            kind = "series.created" if pk in self.created else "series.updated"
+            self.changes.append(_log(self.con, self.now, kind, _series_state(self.con, pk)))
+        self.con.execute(
+            "UPDATE watchers SET instances = instances + ?, rejections = rejections + ?,"
+            " backlog = ?, last_seen = ? WHERE watcher_id = ?",
+            (self.stored, self.rejected, backlog, self.now, self.watcher_id))
+        touched = {uid: self.now for uid in self.grown.values()}
+        return IngestResult(self.stored, self.duplicates, self.rejected, self.changes, touched)
+
+    def reject(self, r: Rejection) -> None:
+        con = self.con
+        old = con.execute(
+            "SELECT reason, detail, size, mtime FROM rejections WHERE watcher_id = ? AND path = ?",
+            (self.watcher_id, r.path)).fetchone()
+        con.execute("DELETE FROM files WHERE watcher_id = ? AND path = ?",
+                    (self.watcher_id, r.path))
+        if old is not None and tuple(old) == (r.reason, r.detail, r.size, r.mtime):
+            return  # the same outcome re-sent after a lost acknowledgement
+        row = con.execute(
+            "INSERT INTO rejections (watcher_id, path, reason, detail, sop_instance_uid, size,"
+            " mtime, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (watcher_id, path) DO UPDATE SET reason = excluded.reason,"
+            " detail = excluded.detail, sop_instance_uid = excluded.sop_instance_uid,"
+            " size = excluded.size, mtime = excluded.mtime, time = excluded.time "
+            "RETURNING watcher_id, path, reason, detail, sop_instance_uid, size, time",
+            (self.watcher_id, r.path, r.reason, r.detail, r.sop_instance_uid, r.size,
+             r.mtime, self.now)).fetchone()
+        payload = dict(row)
+        payload["time"] = iso(payload["time"])
+        self.changes.append(_log(con, self.now, "instance.rejected", payload))
+        self.rejected += 1
+
+    def instance(self, r: InstanceRecord) -> None:
+        con = self.con
+        existing = con.execute(
+            "SELECT s.series_instance_uid FROM instances i JOIN series s ON s.id = i.series_pk"
+            " WHERE i.sop_instance_uid = ?", (r.sop_instance_uid,)).fetchone()
+        if existing is not None and existing[0] != r.series_instance_uid:
+            self.reject(Rejection(
+                path=r.path, size=r.size, mtime=r.mtime, reason="conflict",
+                sop_instance_uid=r.sop_instance_uid,
+                detail=f"SOP Instance UID {r.sop_instance_uid} is already indexed in series "
+                       f"{existing[0]}, not {r.series_instance_uid}"))
+            return
+        if existing is None:
+            series_pk = self._series(r)
+            con.execute(
+                "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid,"
+                " instance_number, number_of_frames, rows, columns, transfer_syntax_uid,"
+                " specific_character_set, watcher_id, path, size, mtime, received)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (r.sop_instance_uid, series_pk, r.sop_class_uid, r.instance_number,
+                 r.number_of_frames, r.rows, r.columns, r.transfer_syntax_uid,
+                 r.specific_character_set, self.watcher_id, r.path, r.size, r.mtime, self.now))
+            con.execute(
+                "UPDATE series SET instance_count = instance_count + 1, last_seen = ?,"
+                " status = 'receiving', stable_since = NULL WHERE id = ?", (self.now, series_pk))
+            self.grown[series_pk] = r.series_instance_uid
+            self.stored += 1
+        else:
+            self.duplicates += 1
+        con.execute(
+            "INSERT INTO files (watcher_id, path, sop_instance_uid, size, mtime, received)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (watcher_id, path) DO UPDATE SET"
+            " sop_instance_uid = excluded.sop_instance_uid, size = excluded.size,"
+            " mtime = excluded.mtime, received = excluded.received",
+            (self.watcher_id, r.path, r.sop_instance_uid, r.size, r.mtime, self.now))
+        con.execute("DELETE FROM rejections WHERE watcher_id = ? AND path = ?",
+                    (self.watcher_id, r.path))
+
+    def _patient(self, r: InstanceRecord) -> int:
+        pk = self.patients.get(r.patient_id)
+        if pk is None:
+            # Keep the first non-empty value of each attribute: the outcome must not
+            # depend on the order in which copies of a study arrive.
+            pk = self.con.execute(
+                "INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name,"
+                " patient_birth_date, patient_sex, first_seen, last_seen)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (patient_id) DO UPDATE SET"
+                " issuer_of_patient_id = iif(issuer_of_patient_id = '',"
+                "   excluded.issuer_of_patient_id, issuer_of_patient_id),"
+                " patient_name = iif(patient_name = '', excluded.patient_name, patient_name),"
+                " patient_birth_date = iif(patient_birth_date = '', excluded.patient_birth_date,"
+                "   patient_birth_date),"
+                " patient_sex = iif(patient_sex = '', excluded.patient_sex, patient_sex),"
+                " last_seen = excluded.last_seen RETURNING id",
+                (r.patient_id, r.issuer_of_patient_id, r.patient_name, r.patient_birth_date,
+                 r.patient_sex, self.now, self.now)).fetchone()[0]
+            self.patients[r.patient_id] = pk
+        return pk
+
+    def _study(self, r: InstanceRecord) -> int:
+        pk = self.studies.get(r.study_instance_uid)
+        if pk is not None:
+            return pk
+        con = self.con
+        row = con.execute("SELECT id FROM studies WHERE study_instance_uid = ?",
+                          (r.study_instance_uid,)).fetchone()
+        if row is None:
+            # A study belongs to the patient it was first seen with; a later file
+            # naming another patient for the same study does not move it.
+            pk = con.execute(
+                "INSERT INTO studies (study_instance_uid, patient_pk, study_date, study_time,"
+                " study_description, accession_number, study_id, referring_physician_name,"
+                " first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (r.study_instance_uid, self._patient(r), r.study_date, r.study_time,
+                 r.study_description, r.accession_number, r.study_id,
+                 r.referring_physician_name, self.now, self.now)).fetchone()[0]
+        else:
+            pk = row[0]
+            con.execute(
+                "UPDATE studies SET"
+                " study_date = iif(study_date = '', ?, study_date),"
+                " study_time = iif(study_time = '', ?, study_time),"
+                " study_description = iif(study_description = '', ?, study_description),"
+                " accession_number = iif(accession_number = '', ?, accession_number),"
+                " study_id = iif(study_id = '', ?, study_id),"
+                " referring_physician_name = iif(referring_physician_name = '', ?,"
+                "   referring_physician_name),"
+                " last_seen = ? WHERE id = ?",
+                (r.study_date, r.study_time, r.study_description, r.accession_number,
+                 r.study_id, r.referring_physician_name, self.now, pk))
+            con.execute("UPDATE patients SET last_seen = ? WHERE id ="
+                        " (SELECT patient_pk FROM studies WHERE id = ?)", (self.now, pk))
+        self.studies[r.study_instance_uid] = pk
+        return pk
+
+    def _series(self, r: InstanceRecord) -> int:
+        pk = self.series.get(r.series_instance_uid)
+        if pk is not None:
+            return pk
+        row = self.con.execute("SELECT id FROM series WHERE series_instance_uid = ?",
+                               (r.series_instance_uid,)).fetchone()
+        if row is None:
+            pk = self.con.execute(
+                "INSERT INTO series (series_instance_uid, study_pk, modality, series_number,"
+                " series_description, body_part_examined, series_date, series_time,"
+                " first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (r.series_instance_uid, self._study(r), r.modality, r.series_number,
+                 r.series_description, r.body_part_examined, r.series_date, r.series_time,
+                 self.now, self.now)).fetchone()[0]
+            self.created.add(pk)
+        else:
+            pk = row[0]
+            self._study(r)  # refresh the study's and patient's attributes and last_seen
+            self.con.execute(
+                "UPDATE series SET"
+                " modality = iif(modality = '', ?, modality),"
+                " series_number = coalesce(series_number, ?),"
+                " series_description = iif(series_description = '', ?, series_description),"
+                " body_part_examined = iif(body_part_examined = '', ?, body_part_examined)"
+                " WHERE id = ?",
+                (r.modality, r.series_number, r.series_description, r.body_part_examined, pk))
+        self.series[r.series_instance_uid] = pk
+        return pk

@@ -1,0 +1,159 @@
+"""The one persistent WebSocket from the watcher to the hub.
+
+It sends the outbox in batches, oldest first, keeping up to `window` batches
+in flight, and deletes a batch from the outbox only when the hub acknowledges
+it. On any disconnect everything unacknowledged is simply sent again after
+reconnecting: the hub is idempotent by SOP Instance UID, so a batch that was
+committed but whose acknowledgement was lost costs nothing but bandwidth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from dicomhub import __version__
+from dicomhub.protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Error,
+    Hello,
+    ProtocolError,
+    Welcome,
+    encode_message,
+    parse_message,
+)
+
+from .backoff import backoff
+from .state import State
+
+log = logging.getLogger("dicomhub.watcher")
+
+WELCOME_TIMEOUT = 30.0
+MAX_FRAME = 16 * 1024 * 1024
+
+
+class LinkError(Exception):
+    """The hub answered in a way that ends this connection."""
+
+
+class Link:
+    def __init__(self, url: str, key: str, watcher_id: str, state: State, *,
+                 batch_size: int = 200, window: int = 4,
+                 delays: Callable[[], Iterator[float]] = backoff) -> None:
+        self.url, self.key, self.watcher_id, self.state = url, key, watcher_id, state
+        self.batch_size, self.window, self._delays = batch_size, window, delays
+        self._wake = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.delivered = 0  # records acknowledged since start
+
+    def wake(self) -> None:
+        """New records are in the outbox."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Stay connected until cancelled, reconnecting with backoff and jitter."""
+        delays = self._delays()
+        while True:
+            try:
+                async with connect(
+                    self.url,
+                    additional_headers={"Authorization": f"Bearer {self.key}"},
+                    user_agent_header=f"dicomhub-watcher/{__version__}",
+                    proxy=None, open_timeout=10, ping_interval=20, ping_timeout=20,
+                    max_size=MAX_FRAME, compression=None,
+                ) as ws:
+                    await self._session(ws)
+                    delays = self._delays()  # a session that got going resets the backoff
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in (401, 403):
+                    log.error("the hub refused the ingest key (HTTP %d): check "
+                              "$DICOMHUB_KEY or [watcher] key_file, and the key's role", status)
+                else:
+                    log.warning("the hub refused the connection: HTTP %d", status)
+            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError, LinkError) as exc:
+                log.warning("hub connection lost or refused: %s", _describe(exc))
+            finally:
+                self.connected.clear()
+            delay = next(delays)
+            log.info("reconnecting in %.1f s (%d records waiting)", delay, self.state.backlog)
+            await asyncio.sleep(delay)
+
+    async def _session(self, ws: ClientConnection) -> None:
+        await ws.send(encode_message(Hello(watcher_id=self.watcher_id, protocol=PROTOCOL_VERSION,
+                                           software=f"dicomhub-watcher {__version__}",
+                                           backlog=self.state.backlog)))
+        reply = _parse(await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT))
+        if isinstance(reply, Error):
+            raise LinkError(f"hub refused the hello: {reply.message}")
+        if not isinstance(reply, Welcome):
+            raise LinkError(f"expected a welcome, got {reply.type!r}")
+        log.info("connected to %s (%s); %d records waiting", self.url, reply.hub,
+                 self.state.backlog)
+        self.connected.set()
+        in_flight: collections.deque[tuple[int, int]] = collections.deque()
+        sender = asyncio.create_task(self._send_loop(ws, in_flight), name="link-sender")
+        try:
+            async for frame in ws:
+                message = _parse(frame)
+                if isinstance(message, Ack):
+                    await self._acknowledged(message, in_flight)
+                elif isinstance(message, Error):
+                    if message.fatal:
+                        raise LinkError(f"hub: {message.message}")
+                    log.error("hub rejected batch %s: %s", message.batch_id, message.message)
+                else:
+                    raise LinkError(f"unexpected {message.type!r} message from the hub")
+            if sender.done():
+                sender.result()  # surface a failed sender rather than hiding it
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await sender
+
+    async def _acknowledged(self, ack: Ack, in_flight: collections.deque[tuple[int, int]]) -> None:
+        if not in_flight or in_flight[0][1] != ack.batch_id:
+            raise LinkError(f"acknowledgement for unknown batch {ack.batch_id}")
+        first, last = in_flight.popleft()
+        self.delivered += await self.state.acknowledge(first, last)
+        self._wake.set()
+
+    async def _send_loop(self, ws: ClientConnection,
+                         in_flight: collections.deque[tuple[int, int]]) -> None:
+        last_sent = 0
+        while True:
+            self._wake.clear()
+            if len(in_flight) < self.window:
+                rows = await self.state.pending(last_sent, self.batch_size)
+                if rows:
+                    first, last_sent = rows[0][0], rows[-1][0]
+                    # Records are stored as JSON already: splice them, don't re-encode.
+                    frame = (f'{{"type":"batch","batch_id":{last_sent},'
+                             f'"backlog":{self.state.backlog},"records":['
+                             + ",".join(text for _, text in rows) + "]}")
+                    in_flight.append((first, last_sent))
+                    await ws.send(frame)
+                    continue
+            await self._wake.wait()
+
+
+def _parse(frame: str | bytes) -> Ack | Error | Welcome:
+    try:
+        message = parse_message(frame)
+    except ProtocolError as exc:
+        raise LinkError(f"unreadable message from the hub: {exc}") from None
+    if not isinstance(message, (Ack, Error, Welcome)):
+        raise LinkError(f"unexpected {message.type!r} message from the hub")
+    return message
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 200 else text[:197] + "..."

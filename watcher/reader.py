@@ -1,0 +1,296 @@
+"""Read one file's DICOM header into a record, or say why it is not an instance.
+
+`read_file` never raises for anything a file can contain: every outcome is an
+:class:`InstanceRecord` or a :class:`Rejection` with a reason. It returns None
+only when the file vanished before it could be opened (nothing to report).
+It runs in worker processes, so it takes plain paths and returns picklable
+frozen records; values are copied out of pydicom's lazy data set here, inside
+one try, so no conversion error surfaces later.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import signal
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
+
+from dicomhub.protocol import InstanceRecord, Rejection
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+_LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC",
+                              "UN", "UR", "UT", "UV"})
+# Tags common to nearly every real DICOM header: a file parsed with force=True
+# that has none of them is junk that happened to decode into "elements".
+_TELLTALE_TAGS = (0x00080016, 0x00080018, 0x00080020, 0x00080060, 0x00100010,
+                  0x00100020, 0x0020000D, 0x0020000E, 0x00280010)
+# ISO 2022 escape sequences (ESC, intermediates 0x20-0x2F, final 0x30-0x7E):
+# pydicom leaves some in decoded names (seen with ISO 2022 IR 58).
+_ESCAPES = re.compile(r"\x1b[\x20-\x2f]*[\x30-\x7e]?")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+_TEXT_TAGS = {
+    "patient_id": 0x00100020,
+    "issuer_of_patient_id": 0x00100021,
+    "patient_name": 0x00100010,
+    "patient_birth_date": 0x00100030,
+    "patient_sex": 0x00100040,
+    "study_date": 0x00080020,
+    "study_time": 0x00080030,
+    "study_description": 0x00081030,
+    "accession_number": 0x00080050,
+    "study_id": 0x00200010,
+    "referring_physician_name": 0x00080090,
+    "modality": 0x00080060,
+    "series_description": 0x0008103E,
+    "body_part_examined": 0x00180015,
+    "series_date": 0x00080021,
+    "series_time": 0x00080031,
+    "sop_class_uid": 0x00080016,
+    "specific_character_set": 0x00080005,
+}
+_INT_TAGS = {
+    "series_number": 0x00200011,
+    "instance_number": 0x00200013,
+    "number_of_frames": 0x00280008,
+    "rows": 0x00280010,
+    "columns": 0x00280011,
+}
+_UID_TAGS = {
+    "sop_instance_uid": (0x00080018, "SOP Instance UID"),
+    "series_instance_uid": (0x0020000E, "Series Instance UID"),
+    "study_instance_uid": (0x0020000D, "Study Instance UID"),
+}
+
+logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
+
+def init_worker() -> None:
+    """In a parsing process: leave Ctrl-C and SIGTERM to the watcher, which shuts
+    the pool down itself, and keep pydicom's warnings about odd files quiet."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.simplefilter("ignore")
+
+
+def display_path(path: Path, root: Path, label: str = "") -> str:
+    """The path relative to its watch root, always valid UTF-8, with '/' separators.
+
+    A watcher with several roots passes each root's folder name as `label`, so
+    equal relative paths under different roots stay apart.
+    """
+    rel = path.relative_to(root).as_posix()
+    if label:
+        rel = f"{label}/{rel}"
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+class _StopAtPixels:
+    """stop_when callback for read_partial that remembers the pixel element's length."""
+
+    def __init__(self) -> None:
+        self.length: int | None = None
+        self.vr: str | None = None
+
+    def __call__(self, tag: BaseTag, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_TAGS:
+            self.length, self.vr = length, vr
+            return True
+        return False
+
+
+def read_file(path: Path, root: Path, label: str = "") -> InstanceRecord | Rejection | None:
+    rel = display_path(path, root, label)
+    try:
+        with open(path, "rb") as fp:
+            st = os.fstat(fp.fileno())
+            base: dict[str, Any] = {"path": rel, "size": st.st_size, "mtime": st.st_mtime}
+            if st.st_size == 0:
+                return Rejection(reason="empty", detail="the file is empty (0 bytes)", **base)
+            return _read_open(fp, base)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        return None
+    except OSError as exc:
+        size, mtime = _stat_or_zero(path)
+        why = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else (
+            exc.strerror or type(exc).__name__)
+        return Rejection(path=rel, size=size, mtime=mtime, reason="unreadable",
+                         detail=f"cannot read the file: {why}")
+
+
+def _stat_or_zero(path: Path) -> tuple[int, float]:
+    try:
+        st = path.stat()
+        return st.st_size, st.st_mtime
+    except OSError:
+        return 0, 0.0
+
+
+def _read_open(fp: BinaryIO, base: dict[str, Any]) -> InstanceRecord | Rejection:
+    head = fp.read(132)
+    has_dicm = head[128:132] == b"DICM"
+    fp.seek(0)
+    stop = _StopAtPixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_partial(fp, stop_when=stop, force=True)
+            pixel_start = fp.tell()
+            return _to_record(ds, has_dicm, stop, pixel_start, base)
+    except zlib.error as exc:
+        return Rejection(reason="truncated" if "incomplete" in str(exc) else "corrupt",
+                         detail=f"deflated data set cannot be inflated: {exc}", **base)
+    except RecursionError:
+        return Rejection(reason="corrupt",
+                         detail="sequences nested too deeply to parse", **base)
+    except MemoryError:
+        return Rejection(reason="corrupt", detail="a declared length is impossibly large",
+                         **base)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
+            IndexError, AttributeError, NotImplementedError, OverflowError,
+            LookupError, UnicodeError) as exc:
+        if not has_dicm:
+            return Rejection(reason="not_dicom", detail="no DICOM structure found", **base)
+        return Rejection(reason="corrupt",
+                         detail=f"cannot parse the header: {type(exc).__name__}: "
+                                f"{_clean(str(exc))[:200]}", **base)
+
+
+def _to_record(ds: Dataset, has_dicm: bool, stop: _StopAtPixels, pixel_start: int,
+               base: dict[str, Any]) -> InstanceRecord | Rejection:
+    meta = getattr(ds, "file_meta", None) or Dataset()
+    media_class = _uid(meta, 0x00020002)
+    transfer_syntax = _uid(meta, 0x00020010)
+    elements = ds._dict  # raw elements, not yet converted: cheap to inspect
+    if not has_dicm and not any(t in elements for t in _TELLTALE_TAGS) and not len(meta):
+        return Rejection(reason="not_dicom", detail="no DICOM structure found", **base)
+    if media_class == DICOMDIR_SOP_CLASS or 0x00041220 in elements:
+        return Rejection(reason="dicomdir",
+                         detail="a DICOMDIR (file-set index), not an image instance", **base)
+    truncated = _truncation(elements, stop, pixel_start, base["size"], transfer_syntax)
+    uids = {}
+    for field, (tag, label) in _UID_TAGS.items():
+        uids[field] = _uid(ds, tag)
+    if truncated:
+        return Rejection(reason="truncated", detail=truncated,
+                         sop_instance_uid=uids["sop_instance_uid"], **base)
+    missing = [label for field, (_, label) in _UID_TAGS.items() if not uids[field]]
+    if missing:
+        if not has_dicm and len(missing) == 3 and not len(meta):
+            detail = "no DICOM file meta and no instance UIDs"
+        else:
+            detail = "no " + ", ".join(missing)
+        return Rejection(reason="missing_uid", detail=detail,
+                         sop_instance_uid=uids["sop_instance_uid"], **base)
+    values: dict[str, Any] = {name: _text(ds, tag) for name, tag in _TEXT_TAGS.items()}
+    values.update({name: _integer(ds, tag) for name, tag in _INT_TAGS.items()})
+    if not values["sop_class_uid"]:
+        values["sop_class_uid"] = media_class
+    values["transfer_syntax_uid"] = transfer_syntax or _inferred_syntax(ds)
+    return InstanceRecord(**base, **uids, **values)
+
+
+def _truncation(elements: Any, stop: _StopAtPixels, pixel_start: int, size: int,
+                transfer_syntax: str) -> str:
+    """Say where the file ends too early, or return '' when it is whole.
+
+    pydicom returns a short value, with no error, for an element cut off by the
+    end of the file: compare each value with its declared length.
+    """
+    for tag, elem in elements.items():
+        length = getattr(elem, "length", None)
+        value = getattr(elem, "value", None)
+        if isinstance(value, bytes) and length not in (None, UNDEFINED_LENGTH) \
+                and len(value) < length:
+            return (f"file ends inside element {_tag(tag)}: {len(value)} of {length} "
+                    "bytes present")
+    if stop.length is not None and stop.length != UNDEFINED_LENGTH \
+            and transfer_syntax != DEFLATED:
+        header = 12 if stop.vr in _LONG_LENGTH_VRS else 8
+        remaining = size - (pixel_start + header)
+        if remaining < stop.length:
+            return (f"file ends inside the pixel data: {max(remaining, 0)} of "
+                    f"{stop.length} bytes present")
+    return ""
+
+
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _clean(text: str) -> str:
+    return _CONTROLS.sub("", _ESCAPES.sub("", text)).strip()
+
+
+def _text(ds: Dataset, tag: int) -> str:
+    try:
+        elem = ds.get(tag)
+        if elem is None or elem.value is None:
+            return ""
+        value = elem.value
+        if isinstance(value, bytes):
+            return ""  # undecodable (VR UN/OB where text was expected): nothing trustworthy
+        if not isinstance(value, str) and hasattr(value, "__iter__") \
+                and not hasattr(value, "family_name"):
+            text = "\\".join(str(v) for v in value)
+        else:
+            text = str(value)
+        return _clean(text)[:1024]
+    except Exception:  # noqa: BLE001 - one bad optional attribute must not reject the file
+        return ""
+
+
+def _integer(ds: Dataset, tag: int) -> int | None:
+    try:
+        elem = ds.get(tag)
+        if elem is None or elem.value in (None, ""):
+            return None
+        value = elem.value
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = value[0] if len(value) else None
+        if value is None:
+            return None
+        number = int(value)
+        return number if -(2**63) <= number < 2**63 else None
+    except Exception:  # noqa: BLE001 - malformed IS/US values are dropped, not fatal
+        return None
+
+
+def _uid(ds: Dataset, tag: int) -> str:
+    try:
+        elem = ds.get(tag)
+        if elem is None or elem.value is None:
+            return ""
+        value = elem.value
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        if not isinstance(value, str):
+            value = str(value[0]) if len(value) else ""
+        return _clean(value.strip("\x00 "))[:128]
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _inferred_syntax(ds: Dataset) -> str:
+    """Files without file meta carry no transfer syntax: report how they decoded."""
+    implicit = getattr(ds, "is_implicit_VR", None)
+    little = getattr(ds, "is_little_endian", None)
+    if implicit is None or little is None:
+        return ""
+    if implicit:
+        return "1.2.840.10008.1.2"
+    return "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"

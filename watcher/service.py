@@ -1,0 +1,286 @@
+"""The watcher: folders in, records to the hub out.
+
+    events ─┐
+            ├─> settle ─> parse (process pool) ─> outbox ─> link ─> hub
+    scan ───┘
+
+The start-up scan finds what arrived while the watcher was away; watchdog
+events find what arrives after. Both feed the settler, which releases a file
+once it is complete. Files already delivered in the same version (path, size,
+mtime) are skipped, so a restart sends nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import socket
+import secrets
+import stat
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from dicomhub.config import WatcherConfig
+from dicomhub.protocol import Rejection
+
+from . import reader
+from .events import Change, start_observer
+from .link import Link
+from .settle import Settler
+from .state import Outcome, State
+
+log = logging.getLogger("dicomhub.watcher")
+
+SCAN_CHUNK = 500
+_TEMP_SUFFIXES = (".tmp", ".part", "~")
+
+
+def ignored(name: str) -> bool:
+    """Hidden files and names that mark a file still being written are not read
+    until they are renamed."""
+    return name.startswith(".") or name.endswith(_TEMP_SUFFIXES)
+
+
+class Watcher:
+    def __init__(self, config: WatcherConfig, key: str) -> None:
+        self.config, self.key = config, key
+        self.roots = [Path(r).resolve() for r in config.watch]
+        self.state = State(config.state_dir)
+        self.settler: Settler[str] = Settler(config.settle)
+        self.workers = config.workers or os.cpu_count() or 1
+        self._wake = asyncio.Event()
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._results: list[Outcome] = []
+        self._results_ready = asyncio.Event()
+        self._scans: set[asyncio.Task[None]] = set()
+        self.link: Link | None = None
+        self.watcher_id = config.watcher_id
+        self.scanned = asyncio.Event()  # set once the start-up scan has been queued
+        self.parsed = 0
+
+    # entry point ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        for root in self.roots:
+            root.mkdir(parents=True, exist_ok=True)
+        await self.state.open()
+        # forkserver, not fork: this process already runs threads (watchdog, SQLite).
+        pool = ProcessPoolExecutor(self.workers, initializer=reader.init_worker,
+                                   mp_context=multiprocessing.get_context("forkserver"))
+        observer = None
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            self.watcher_id = self.watcher_id or await self._default_id()
+            self.link = Link(self.config.hub_url, self.key, self.watcher_id, self.state,
+                             batch_size=self.config.batch_size)
+            observer = start_observer(self.roots, self._on_change, polling=self.config.polling,
+                                      poll_interval=self.config.poll_interval)
+            tasks = [asyncio.create_task(c, name=n) for n, c in (
+                ("link", self.link.run()),
+                ("settle", self._settle_loop()),
+                ("commit", self._commit_loop()),
+                *((f"parse-{i}", self._parse_loop(pool)) for i in range(self.workers * 2)),
+            )]
+            log.info("watching %s as %s; %d records waiting for the hub",
+                     ", ".join(map(str, self.roots)), self.watcher_id, self.state.backlog)
+            for root in self.roots:
+                await self._scan(root)
+            self.scanned.set()
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            if observer is not None:
+                observer.stop()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if self._results:
+                with contextlib.suppress(Exception):
+                    await self.state.put(self._results)  # keep what was parsed
+            pool.shutdown(wait=False, cancel_futures=True)
+            if observer is not None:
+                await asyncio.to_thread(observer.join, 5)
+            await self.state.close()
+
+    async def _default_id(self) -> str:
+        """A stable id per state folder: the host name and a random suffix, kept."""
+        watcher_id = await self.state.get_meta("watcher_id")
+        if watcher_id is None:
+            host = socket.gethostname().split(".")[0] or "watcher"
+            watcher_id = f"{host}-{secrets.token_hex(3)}"
+            await self.state.set_meta("watcher_id", watcher_id)
+        return watcher_id
+
+    # finding files ----------------------------------------------------------------
+
+    def _root_of(self, path: str) -> Path | None:
+        best = None
+        for root in self.roots:
+            if path == str(root) or path.startswith(str(root) + os.sep):
+                if best is None or len(str(root)) > len(str(best)):
+                    best = root
+        return best
+
+    def _skipped(self, path: str, root: Path) -> bool:
+        rel = os.path.relpath(path, root)
+        if any(ignored(part) for part in rel.split(os.sep)):
+            return True
+        state_dir = str(self.config.state_dir)
+        return path == state_dir or path.startswith(state_dir + os.sep)
+
+    def _on_change(self, change: Change) -> None:
+        root = self._root_of(change.path)
+        if root is None or self._skipped(change.path, root):
+            return
+        if change.kind == "gone":
+            self.settler.forget(change.path)
+        elif change.kind == "dir":
+            # A folder created or moved in: its files may predate our watch on it.
+            task = asyncio.get_running_loop().create_task(self._scan(Path(change.path)))
+            self._scans.add(task)
+            task.add_done_callback(self._scans.discard)
+        else:
+            self._observe(change.path, closed=change.kind == "closed")
+
+    def _observe(self, path: str, closed: bool = False) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            self.settler.forget(path)
+            return
+        if not stat.S_ISREG(st.st_mode):
+            return
+        if closed:
+            self.settler.closed(path, st.st_size, st.st_mtime, time.time())
+        else:
+            self.settler.observe(path, st.st_size, st.st_mtime, time.time())
+        self._wake.set()
+
+    async def _scan(self, top: Path) -> None:
+        """Walk a folder (in a thread), skipping files delivered in this same version."""
+        walker = _walk(top)
+        while True:
+            chunk = await asyncio.to_thread(next, walker, None)
+            if chunk is None:
+                return
+            entries = []
+            for path, size, mtime_ns, mtime in chunk:
+                root = self._root_of(path)
+                if root is not None and not self._skipped(path, root):
+                    entries.append((path, size, mtime_ns, mtime))
+            known = await self.state.unchanged(
+                [(os.fsencode(p), size, mtime_ns) for p, size, mtime_ns, _ in entries])
+            now = time.time()
+            for path, size, mtime_ns, mtime in entries:
+                if os.fsencode(path) not in known:
+                    self.settler.observe(path, size, mtime, now)
+            self._wake.set()
+
+    # settling and parsing -------------------------------------------------------------
+
+    async def _settle_loop(self) -> None:
+        while True:
+            deadline = self.settler.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+            for path, _, _ in self.settler.due(time.time()):
+                if path not in self._queued:
+                    self._queued.add(path)
+                    self._queue.put_nowait(path)
+
+    async def _parse_loop(self, pool: ProcessPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            path = await self._queue.get()
+            try:
+                await self._parse(loop, pool, path)
+            finally:
+                self._queued.discard(path)
+
+    async def _parse(self, loop: asyncio.AbstractEventLoop, pool: ProcessPoolExecutor,
+                     path: str) -> None:
+        root = self._root_of(path)
+        before = _stat(path)
+        if root is None or before is None:
+            return
+        if await self.state.unchanged([(os.fsencode(path), before.st_size,
+                                        before.st_mtime_ns)]):
+            return  # a spurious event for a version already delivered
+        label = root.name if len(self.roots) > 1 else ""
+        record = await loop.run_in_executor(pool, reader.read_file, Path(path), root, label)
+        after = _stat(path)
+        if after is None:
+            return  # deleted while we read it: nothing to report
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            self.settler.observe(path, after.st_size, after.st_mtime, time.time())
+            self._wake.set()
+            return  # changed while we read it: wait until it settles again
+        if record is None:
+            return
+        self.parsed += 1
+        retry = isinstance(record, Rejection) and record.reason == "unreadable"
+        self._results.append(Outcome(os.fsencode(path), before.st_size, before.st_mtime_ns,
+                                     record, remember=not retry))
+        self._results_ready.set()
+
+    async def _commit_loop(self) -> None:
+        assert self.link is not None
+        while True:
+            await self._results_ready.wait()
+            self._results_ready.clear()
+            batch, self._results = self._results, []
+            if batch:
+                await self.state.put(batch)
+                self.link.wake()
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _walk(top: Path) -> Iterator[list[tuple[str, int, int, float]]]:
+    """Yield chunks of (path, size, mtime_ns, mtime) for regular files under `top`.
+
+    Symlinked folders are not followed, so a symlink loop cannot trap the walk.
+    """
+    chunk: list[tuple[str, int, int, float]] = []
+    stack = [str(top)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if not ignored(entry.name):
+                        stack.append(entry.path)
+                    continue
+                st = entry.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                chunk.append((entry.path, st.st_size, st.st_mtime_ns, st.st_mtime))
+                if len(chunk) >= SCAN_CHUNK:
+                    yield chunk
+                    chunk = []
+    if chunk:
+        yield chunk
+

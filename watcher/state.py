@@ -1,0 +1,184 @@
+"""The watcher's durable state: the outbox and the memory of delivered files.
+
+Both live in one SQLite file, and a parse result enters the outbox and the
+memory in the same transaction. So after any crash either both hold it (the
+record waits in the outbox, the file is not parsed again) or neither does
+(the file is parsed again). A record leaves the outbox only when the hub has
+acknowledged it, which the hub does only after its own commit.
+
+Paths are stored as bytes: file names need not be valid UTF-8.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dicomhub.errors import DicomhubError
+from dicomhub.protocol import Record, record_to_json
+
+T = TypeVar("T")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " record TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS delivered (path BLOB PRIMARY KEY, size INTEGER NOT NULL,"
+    " mtime_ns INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+
+
+class StateError(DicomhubError):
+    """The state folder cannot be used (locked by another watcher, unwritable, full)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A parse result to keep: the record, and the file version it came from."""
+
+    path: bytes
+    size: int
+    mtime_ns: int
+    record: Record
+    remember: bool = True  # False for outcomes worth retrying (e.g. unreadable files)
+
+
+class State:
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="watcher-state")
+        self._con: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self.backlog = 0
+
+    async def open(self) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateError(f"state folder {str(self.folder)!r} is in use by another "
+                             "watcher; give each watcher its own state_dir") from None
+        except OSError as exc:
+            raise StateError(f"state folder {str(self.folder)!r} cannot be used: "
+                             f"{exc.strerror}") from None
+        try:
+            self._con = await self._run(self._connect)
+            self.backlog = await self._run(
+                lambda: self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise StateError(f"state database in {str(self.folder)!r} cannot be opened: "
+                             f"{exc}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.folder / "state.sqlite3", isolation_level=None,
+                              check_same_thread=False, timeout=30)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        for statement in _SCHEMA:
+            con.execute(statement)
+        return con
+
+    async def close(self) -> None:
+        if self._con is not None:
+            con, self._con = self._con, None
+            await self._run(con.close)
+        self._thread.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        assert self._con is not None, "state is not open"
+        return self._con
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        con = self._db
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(con)
+            con.execute("COMMIT")
+            return result
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    # identity -----------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> str | None:
+        row = await self._run(
+            lambda: self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone())
+        return row[0] if row else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._run(self._transaction, lambda con: con.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)))
+
+    # delivered-file memory ----------------------------------------------------
+
+    async def unchanged(self, files: Sequence[tuple[bytes, int, int]]) -> set[bytes]:
+        """Of (path, size, mtime_ns), the paths already handled in exactly that version."""
+        def run() -> set[bytes]:
+            same = set()
+            for path, size, mtime_ns in files:
+                row = self._db.execute("SELECT size, mtime_ns FROM delivered WHERE path = ?",
+                                       (path,)).fetchone()
+                if row is not None and row[0] == size and row[1] == mtime_ns:
+                    same.add(path)
+            return same
+
+        return await self._run(run)
+
+    # outbox -------------------------------------------------------------------
+
+    async def put(self, outcomes: Iterable[Outcome]) -> int:
+        """Store outcomes in the outbox and the memory, in one transaction."""
+        rows = [(o, json.dumps(record_to_json(o.record), ensure_ascii=False,
+                               separators=(",", ":"))) for o in outcomes]
+
+        def run(con: sqlite3.Connection) -> int:
+            for outcome, text in rows:
+                con.execute("INSERT INTO outbox (record) VALUES (?)", (text,))
+                if outcome.remember:
+                    con.execute("INSERT OR REPLACE INTO delivered (path, size, mtime_ns)"
+                                " VALUES (?, ?, ?)",
+                                (outcome.path, outcome.size, outcome.mtime_ns))
+                else:
+                    con.execute("DELETE FROM delivered WHERE path = ?", (outcome.path,))
+            return len(rows)
+
+        try:
+            added = await self._run(self._transaction, run)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot write to the state folder {str(self.folder)!r}: "
+                             f"{exc}") from None
+        self.backlog += added
+        return added
+
+    async def pending(self, after_id: int, limit: int) -> list[tuple[int, str]]:
+        """Outbox rows after `after_id`, oldest first, as (id, record JSON)."""
+        return await self._run(lambda: self._db.execute(
+            "SELECT id, record FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit)).fetchall())
+
+    async def acknowledge(self, first_id: int, last_id: int) -> int:
+        """Drop acknowledged records; return how many left the outbox."""
+        def run(con: sqlite3.Connection) -> int:
+            return con.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?",
+                               (first_id, last_id)).rowcount
+
+        removed = await self._run(self._transaction, run)
+        self.backlog -= removed
+        return removed
