@@ -21,7 +21,7 @@ from .store import KeyInfo, Store
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 H = TypeVar("H", bound=Callable[..., Any])
 
-KEY_INFO = "dicomhub.key"  # request key holding the caller's KeyInfo
+KEY_INFO = web.RequestKey("key_info", KeyInfo)  # the caller, once authenticated
 STORE_KEY = web.AppKey("store", Store)
 
 

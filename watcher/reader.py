@@ -149,25 +149,56 @@ def _read_open(fp: BinaryIO, base: dict[str, Any]) -> InstanceRecord | Rejection
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = read_partial(fp, stop_when=stop, force=True)
-            pixel_start = fp.tell()
-            return _to_record(ds, has_dicm, stop, pixel_start, base)
-    except zlib.error as exc:
+            return _to_record(ds, has_dicm, stop, fp.tell(), base)
+    except _PARSE_ERRORS as exc:
+        failure = _failure(exc, has_dicm, base)
+    if failure.reason == "corrupt":
+        # The full parse failed somewhere; the UIDs usually come before the damage.
+        recovered = _read_tolerant(fp, has_dicm, base)
+        if isinstance(recovered, InstanceRecord):
+            return recovered
+    return failure
+
+
+_PARSE_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
+                 IndexError, AttributeError, NotImplementedError, OverflowError, LookupError,
+                 RecursionError, MemoryError, zlib.error)
+
+
+def _failure(exc: BaseException, has_dicm: bool, base: dict[str, Any]) -> Rejection:
+    if isinstance(exc, zlib.error):
         return Rejection(reason="truncated" if "incomplete" in str(exc) else "corrupt",
                          detail=f"deflated data set cannot be inflated: {exc}", **base)
-    except RecursionError:
-        return Rejection(reason="corrupt",
-                         detail="sequences nested too deeply to parse", **base)
-    except MemoryError:
-        return Rejection(reason="corrupt", detail="a declared length is impossibly large",
-                         **base)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
-            IndexError, AttributeError, NotImplementedError, OverflowError,
-            LookupError, UnicodeError) as exc:
-        if not has_dicm:
-            return Rejection(reason="not_dicom", detail="no DICOM structure found", **base)
-        return Rejection(reason="corrupt",
-                         detail=f"cannot parse the header: {type(exc).__name__}: "
-                                f"{_clean(str(exc))[:200]}", **base)
+    if not has_dicm and not isinstance(exc, (RecursionError, MemoryError)):
+        return Rejection(reason="not_dicom", detail="no DICOM structure found", **base)
+    if isinstance(exc, RecursionError):
+        detail = "sequences nested too deeply to parse"
+    elif isinstance(exc, MemoryError):
+        detail = "a declared length is impossibly large"
+    else:
+        detail = f"cannot parse the header: {type(exc).__name__}: {_clean(str(exc))[:200]}"
+    return Rejection(reason="corrupt", detail=detail, **base)
+
+
+class _StopAtSequenceAfterUids:
+    """stop_when for a second, tolerant read: once past the instance UIDs (top-level
+    tags ascend), stop before the first undefined-length value, where parsers most
+    often lose their way (deep nesting, missing delimiters)."""
+
+    def __call__(self, tag: BaseTag, vr: str | None, length: int) -> bool:
+        return tag > 0x0020000E and length == UNDEFINED_LENGTH
+
+
+def _read_tolerant(fp: BinaryIO, has_dicm: bool,
+                   base: dict[str, Any]) -> InstanceRecord | Rejection | None:
+    try:
+        fp.seek(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_partial(fp, stop_when=_StopAtSequenceAfterUids(), force=True)
+            return _to_record(ds, has_dicm, _StopAtPixels(), 0, base)
+    except _PARSE_ERRORS:
+        return None
 
 
 def _to_record(ds: Dataset, has_dicm: bool, stop: _StopAtPixels, pixel_start: int,
@@ -181,7 +212,8 @@ def _to_record(ds: Dataset, has_dicm: bool, stop: _StopAtPixels, pixel_start: in
     if media_class == DICOMDIR_SOP_CLASS or 0x00041220 in elements:
         return Rejection(reason="dicomdir",
                          detail="a DICOMDIR (file-set index), not an image instance", **base)
-    truncated = _truncation(elements, stop, pixel_start, base["size"], transfer_syntax)
+    truncated = (_truncation(meta._dict, stop, -1, 0, "")
+                 or _truncation(elements, stop, pixel_start, base["size"], transfer_syntax))
     uids = {}
     for field, (tag, label) in _UID_TAGS.items():
         uids[field] = _uid(ds, tag)
@@ -218,7 +250,7 @@ def _truncation(elements: Any, stop: _StopAtPixels, pixel_start: int, size: int,
                 and len(value) < length:
             return (f"file ends inside element {_tag(tag)}: {len(value)} of {length} "
                     "bytes present")
-    if stop.length is not None and stop.length != UNDEFINED_LENGTH \
+    if stop.length is not None and stop.length != UNDEFINED_LENGTH and pixel_start >= 0 \
             and transfer_syntax != DEFLATED:
         header = 12 if stop.vr in _LONG_LENGTH_VRS else 8
         remaining = size - (pixel_start + header)

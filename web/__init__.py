@@ -1,0 +1,1 @@
+"""The dashboard: static files the hub serves (no build step)."""
