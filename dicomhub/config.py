@@ -96,12 +96,18 @@ class _Section:
         return value
 
     def path(self, key: str, default: Path | None) -> Path | None:
-        value = self._get(key, default)
+        value = self._get(key, default)  # defaults resolve against `base` like values
         if value is None or value == "":
             return None
         if not isinstance(value, (str, Path)):
             raise _fail(f"{self.name}.{key}", value, "not a path string")
         return (self.base / Path(value).expanduser()).resolve()
+
+    def required_path(self, key: str, default: Path) -> Path:
+        value = self.path(key, default)
+        if value is None:
+            raise _fail(f"{self.name}.{key}", "", "must not be empty")
+        return value
 
     def paths(self, key: str, default: tuple[Path, ...]) -> tuple[Path, ...]:
         value = self._get(key, [str(p) for p in default])
@@ -114,10 +120,10 @@ class _Section:
         return tuple((self.base / Path(v).expanduser()).resolve() for v in value)
 
     def level(self, key: str) -> str:
-        value = self.string(key, "info").lower()
-        if value not in ("debug", "info", "warning", "error"):
+        value = self.string(key, "info")
+        if value.lower() not in ("debug", "info", "warning", "error"):
             raise _fail(f"{self.name}.{key}", value, "not one of debug, info, warning, error")
-        return value
+        return value.lower()
 
     def done(self) -> None:
         if self.table:
@@ -130,7 +136,7 @@ def _hub(section: _Section) -> HubConfig:
     hub = HubConfig(
         host=section.string("host", d.host),
         port=section.integer("port", d.port, 0, 65535),
-        database=section.path("database", d.database) or d.database,
+        database=section.required_path("database", d.database),
         stable_after=section.number("stable_after", d.stable_after, 0.0, 7 * 86400.0),
         log_level=section.level("log_level"),
     )
@@ -146,7 +152,7 @@ def _watcher(section: _Section) -> WatcherConfig:
     watcher = WatcherConfig(
         hub_url=url,
         watch=section.paths("watch", d.watch),
-        state_dir=section.path("state_dir", d.state_dir) or d.state_dir,
+        state_dir=section.required_path("state_dir", d.state_dir),
         settle=section.number("settle", d.settle, 0.0, 3600.0),
         key_file=section.path("key_file", d.key_file),
         watcher_id=section.string("id", d.watcher_id),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
@@ -90,8 +91,9 @@ def _int(obj: dict[str, Any], key: str, where: str, *, optional: bool = True,
 
 def _num(obj: dict[str, Any], key: str, where: str) -> float:
     value = obj.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-        raise _fail(f"{where}{key}", "a number", value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) \
+            or not math.isfinite(value):
+        raise _fail(f"{where}{key}", "a finite number", value)
     return float(value)
 
 

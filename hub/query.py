@@ -12,6 +12,7 @@ DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 MAX_VALUE = 1024
 STATUSES = ("receiving", "stable")
+MAX_ROW_ID = 2**63 - 1  # SQLite's largest integer
 
 
 class BadQuery(ValueError):
@@ -29,7 +30,7 @@ def decode_cursor(text: str) -> int:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
         version, _, number = raw.partition(":")
         after = int(number)
-        if version != "v1" or after < 0:
+        if version != "v1" or not 0 <= after <= MAX_ROW_ID:
             raise ValueError
         return after
     except (ValueError, binascii.Error, UnicodeDecodeError):

@@ -10,18 +10,21 @@ one try, so no conversion error surfaces later.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import logging
 import os
 import re
 import signal
+import struct
+import sys
 import warnings
 import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
@@ -79,9 +82,14 @@ logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
 
 def init_worker() -> None:
-    """In a parsing process: leave Ctrl-C and SIGTERM to the watcher, which shuts
-    the pool down itself, and keep pydicom's warnings about odd files quiet."""
+    """In a parsing process: leave Ctrl-C to the watcher, which shuts the pool down
+    itself; die with the parent if it is killed outright (no orphans holding files
+    or the terminal); keep pydicom's warnings about odd files quiet."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     warnings.simplefilter("ignore")
 
 
@@ -150,7 +158,7 @@ def _read_open(fp: BinaryIO, base: dict[str, Any]) -> InstanceRecord | Rejection
             warnings.simplefilter("ignore")
             ds = read_partial(fp, stop_when=stop, force=True)
             return _to_record(ds, has_dicm, stop, fp.tell(), base)
-    except _PARSE_ERRORS as exc:
+    except Exception as exc:  # noqa: BLE001 - no file may crash the watcher
         failure = _failure(exc, has_dicm, base)
     if failure.reason == "corrupt":
         # The full parse failed somewhere; the UIDs usually come before the damage.
@@ -160,12 +168,12 @@ def _read_open(fp: BinaryIO, base: dict[str, Any]) -> InstanceRecord | Rejection
     return failure
 
 
-_PARSE_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
-                 IndexError, AttributeError, NotImplementedError, OverflowError, LookupError,
-                 RecursionError, MemoryError, zlib.error)
-
-
 def _failure(exc: BaseException, has_dicm: bool, base: dict[str, Any]) -> Rejection:
+    if isinstance(exc, struct.error) or type(exc).__name__ == "BytesLengthException":
+        # pydicom unpacks a tag, VR or length the file is too short to hold.
+        return Rejection(reason="truncated" if has_dicm else "not_dicom",
+                         detail="file ends inside an element header" if has_dicm
+                         else "no DICOM structure found", **base)
     if isinstance(exc, zlib.error):
         return Rejection(reason="truncated" if "incomplete" in str(exc) else "corrupt",
                          detail=f"deflated data set cannot be inflated: {exc}", **base)
@@ -197,7 +205,7 @@ def _read_tolerant(fp: BinaryIO, has_dicm: bool,
             warnings.simplefilter("ignore")
             ds = read_partial(fp, stop_when=_StopAtSequenceAfterUids(), force=True)
             return _to_record(ds, has_dicm, _StopAtPixels(), 0, base)
-    except _PARSE_ERRORS:
+    except Exception:  # noqa: BLE001
         return None
 
 
@@ -243,6 +251,7 @@ def _truncation(elements: Any, stop: _StopAtPixels, pixel_start: int, size: int,
     pydicom returns a short value, with no error, for an element cut off by the
     end of the file: compare each value with its declared length.
     """
+    end = 0  # where the last element of known length ends
     for tag, elem in elements.items():
         length = getattr(elem, "length", None)
         value = getattr(elem, "value", None)
@@ -250,6 +259,14 @@ def _truncation(elements: Any, stop: _StopAtPixels, pixel_start: int, size: int,
                 and len(value) < length:
             return (f"file ends inside element {_tag(tag)}: {len(value)} of {length} "
                     "bytes present")
+        value_tell = getattr(elem, "value_tell", None)
+        if value_tell is not None and length is not None:
+            end = max(end, value_tell + (0 if length == UNDEFINED_LENGTH else length))
+    # pydicom stops quietly when fewer than 8 bytes remain for the next element header.
+    leftover = size - end
+    if stop.length is None and pixel_start >= 0 and transfer_syntax != DEFLATED \
+            and end and 0 < leftover < 8 and _last_is_defined(elements):
+        return f"file ends inside an element header ({leftover} bytes of it present)"
     if stop.length is not None and stop.length != UNDEFINED_LENGTH and pixel_start >= 0 \
             and transfer_syntax != DEFLATED:
         header = 12 if stop.vr in _LONG_LENGTH_VRS else 8
@@ -258,6 +275,14 @@ def _truncation(elements: Any, stop: _StopAtPixels, pixel_start: int, size: int,
             return (f"file ends inside the pixel data: {max(remaining, 0)} of "
                     f"{stop.length} bytes present")
     return ""
+
+
+def _last_is_defined(elements: Any) -> bool:
+    """True when the data set's last element has a defined length, so its end is known."""
+    if not elements:
+        return False
+    last = elements[max(elements)]
+    return getattr(last, "length", UNDEFINED_LENGTH) != UNDEFINED_LENGTH
 
 
 def _tag(tag: int) -> str:
@@ -296,6 +321,8 @@ def _integer(ds: Dataset, tag: int) -> int | None:
             value = value[0] if len(value) else None
         if value is None:
             return None
+        if isinstance(value, float) and not value.is_integer():
+            return None  # "1.5" is no valid IS; rounding would invent a number
         number = int(value)
         return number if -(2**63) <= number < 2**63 else None
     except Exception:  # noqa: BLE001 - malformed IS/US values are dropped, not fatal

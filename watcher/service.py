@@ -106,7 +106,7 @@ class Watcher:
             if self._results:
                 with contextlib.suppress(Exception):
                     await self.state.put(self._results)  # keep what was parsed
-            pool.shutdown(wait=False, cancel_futures=True)
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
             if observer is not None:
                 await asyncio.to_thread(observer.join, 5)
             await self.state.close()

@@ -22,6 +22,7 @@ class _Seen:
     size: int
     mtime: float
     ready_at: float
+    seen_at: float
 
 
 class Settler(Generic[K]):
@@ -42,12 +43,16 @@ class Settler(Generic[K]):
         seen = self._files.get(key)
         if seen is not None and seen.size == size and seen.mtime == mtime:
             return  # unchanged: its quiet period keeps running
-        since = mtime if mtime <= now else now
-        self._schedule(key, _Seen(size, mtime, since + self.settle))
+        since = min(mtime, now)
+        if seen is not None:
+            # It changed after we last looked, whatever its mtime says (coarse
+            # timestamps on FAT/SMB, or an mtime set back by `cp -p`).
+            since = max(since, seen.seen_at)
+        self._schedule(key, _Seen(size, mtime, since + self.settle, now))
 
     def closed(self, key: K, size: int, mtime: float, now: float) -> None:
         """The writer closed the file: no need to wait for the quiet period."""
-        self._schedule(key, _Seen(size, mtime, now))
+        self._schedule(key, _Seen(size, mtime, now, now))
 
     def forget(self, key: K) -> None:
         self._files.pop(key, None)
