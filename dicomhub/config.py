@@ -163,6 +163,11 @@ def _watcher(section: _Section) -> WatcherConfig:
         log_level=section.level("log_level"),
     )
     section.done()
+    names = [p.name for p in watcher.watch]
+    if len(set(names)) != len(names):
+        raise _fail("watcher.watch", [str(p) for p in watcher.watch],
+                    "folders watched together need distinct names (paths are reported "
+                    "as <folder name>/<path>)")
     return watcher
 
 

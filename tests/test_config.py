@@ -331,3 +331,11 @@ def test_the_loaded_paths_do_not_depend_on_cwd(tmp_path: Path,
         monkeypatch.chdir(cwd)
         results.append(load(path, environ=NO_ENV))
     assert results[0] == results[1] == results[2]
+
+
+def test_watched_folders_need_distinct_names(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[watcher]\nwatch = ["a/inbox", "b/inbox"]\n')
+    with pytest.raises(ConfigError, match=r"'watcher.watch'.*distinct names"):
+        load(path, environ=NO_ENV)
+    ok = write_config(tmp_path, '[watcher]\nwatch = ["a/inbox", "b/other"]\n')
+    assert [p.name for p in load(ok, environ=NO_ENV).watcher.watch] == ["inbox", "other"]

@@ -247,3 +247,43 @@ async def test_stability_holds_across_a_hub_restart(tmp_path: Path, http) -> Non
         await wait_for(stable, "the series to become stable after the restart")
     finally:
         await hub.stop()
+
+
+async def test_several_roots_keep_their_paths_apart(hub: RunningHub, api: Api, run_watcher,
+                                                    tmp_path: Path) -> None:
+    roots = (tmp_path / "site-a", tmp_path / "site-b")
+    await run_watcher(hub, watch=roots)
+    first = factory.write(roots[0] / "x.dcm")
+    second = factory.write(roots[1] / "x.dcm")
+    (roots[1] / "junk.dcm").write_text("junk")
+    await wait_outcomes(api, 3)
+    paths = {}
+    for ds in (first, second):
+        detail = await api.get(f"/api/series/{ds.SeriesInstanceUID}")
+        paths[ds.SOPInstanceUID] = detail["instances"][0]["path"]
+    assert paths == {first.SOPInstanceUID: "site-a/x.dcm", second.SOPInstanceUID: "site-b/x.dcm"}
+    assert [r["path"] for r in await api.all("/api/rejections")] == ["site-b/junk.dcm"]
+
+
+async def test_polling_mode_finds_files_without_kernel_events(hub: RunningHub, api: Api,
+                                                              run_watcher) -> None:
+    running = await run_watcher(hub, polling=True, poll_interval=0.2)
+    ds = factory.write(running.inbox / "deep" / "er" / "a.dcm")
+    await wait_outcomes(api, 1)
+    assert (await api.get(f"/api/series/{ds.SeriesInstanceUID}"))["instance_count"] == 1
+
+
+async def test_symlink_loops_and_dangling_links_are_reported_not_followed(
+        hub: RunningHub, api: Api, run_watcher, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox-links"
+    (inbox / "tree").mkdir(parents=True)
+    os.symlink(inbox, inbox / "tree" / "back-to-top")  # a folder loop: not followed
+    os.symlink("self-loop", inbox / "self-loop")  # a file loop: ELOOP
+    os.symlink(tmp_path / "nowhere.dcm", inbox / "dangling.dcm")
+    ds = factory.write(inbox / "tree" / "real.dcm")
+    await run_watcher(hub, watch=(inbox,))
+    await wait_outcomes(api, 3)
+    reasons = {r["path"]: r["reason"] for r in await api.all("/api/rejections")}
+    assert reasons == {"self-loop": "unreadable", "dangling.dcm": "unreadable"}
+    detail = await api.get(f"/api/series/{ds.SeriesInstanceUID}")
+    assert [i["path"] for i in detail["instances"]] == ["tree/real.dcm"]

@@ -454,7 +454,7 @@ def test_a_symlink_loop_is_unreadable(tmp_path: Path) -> None:
     assert record.reason == "unreadable"
     assert record.detail.startswith("cannot read the file: ")
     assert record.path == "loop.dcm"
-    assert record.size == 0 and record.mtime == 0.0
+    assert record.size == 0 and record.mtime == os.lstat(loop).st_mtime  # the link's time
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
@@ -473,9 +473,14 @@ def test_permission_denied_is_unreadable(tmp_path: Path) -> None:
 
 def test_a_vanished_file_gives_none(tmp_path: Path) -> None:
     assert read_file(tmp_path / "gone.dcm", tmp_path) is None
+
+
+def test_a_dangling_symlink_is_unreadable_not_silent(tmp_path: Path) -> None:
     dangling = tmp_path / "dangling.dcm"
     os.symlink(tmp_path / "nowhere", dangling)
-    assert read_file(dangling, tmp_path) is None
+    record = read_file(dangling, tmp_path)
+    assert isinstance(record, Rejection) and record.reason == "unreadable"
+    assert "broken symbolic link" in record.detail
 
 
 def test_a_folder_gives_none(tmp_path: Path) -> None:

@@ -129,7 +129,11 @@ def read_file(path: Path, root: Path, label: str = "") -> InstanceRecord | Rejec
                 return Rejection(reason="empty", detail="the file is empty (0 bytes)", **base)
             return _read_open(fp, base)
     except FileNotFoundError:
-        return None
+        if not os.path.islink(path):
+            return None  # vanished before we could read it: nothing to report
+        size, mtime = _stat_or_zero(path)
+        return Rejection(path=rel, size=size, mtime=mtime, reason="unreadable",
+                         detail="broken symbolic link: its target does not exist")
     except IsADirectoryError:
         return None
     except OSError as exc:
@@ -141,9 +145,14 @@ def read_file(path: Path, root: Path, label: str = "") -> InstanceRecord | Rejec
 
 
 def _stat_or_zero(path: Path) -> tuple[int, float]:
+    """Size and mtime for a rejection; a link that leads nowhere has size 0."""
     try:
         st = path.stat()
         return st.st_size, st.st_mtime
+    except OSError:
+        pass
+    try:
+        return 0, path.lstat().st_mtime
     except OSError:
         return 0, 0.0
 

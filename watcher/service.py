@@ -152,12 +152,9 @@ class Watcher:
             self._observe(change.path, closed=change.kind == "closed")
 
     def _observe(self, path: str, closed: bool = False) -> None:
-        try:
-            st = os.stat(path)
-        except OSError:
+        st = _stat(path)
+        if st is None:
             self.settler.forget(path)
-            return
-        if not stat.S_ISREG(st.st_mode):
             return
         if closed:
             self.settler.closed(path, st.st_size, st.st_mtime, time.time())
@@ -246,11 +243,21 @@ class Watcher:
 
 
 def _stat(path: str) -> os.stat_result | None:
+    """The file's stat, or its link's for a broken symlink (which the reader then
+    reports as unreadable); None for anything gone or not a file."""
     try:
         st = os.stat(path)
     except OSError:
-        return None
+        return _link_stat(path)
     return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _link_stat(path: str) -> os.stat_result | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISLNK(st.st_mode) else None
 
 
 def _walk(top: Path) -> Iterator[list[tuple[str, int, int, float]]]:
@@ -275,8 +282,10 @@ def _walk(top: Path) -> Iterator[list[tuple[str, int, int, float]]]:
                     continue
                 st = entry.stat()
             except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
+                st = _link_stat(entry.path)  # a broken or looping symlink: report it
+                if st is None:
+                    continue
+            if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
                 chunk.append((entry.path, st.st_size, st.st_mtime_ns, st.st_mtime))
                 if len(chunk) >= SCAN_CHUNK:
                     yield chunk
