@@ -13,6 +13,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_log import AccessLogger
 
 from dicomhub.config import HubConfig
+from dicomhub.errors import DicomhubError
 
 from . import api, ingest
 from .auth import STORE_KEY, auth_middleware, public
@@ -117,7 +118,13 @@ async def start(config: HubConfig, store: Store | None = None) -> tuple[web.AppR
                            shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise DicomhubError(f"cannot listen on {config.host}:{config.port}: "
+                            f"{exc.strerror or exc} (is another hub running? "
+                            "change [hub] port)") from None
     sockets = site._server.sockets if site._server else ()  # type: ignore[union-attr]
     port = sockets[0].getsockname()[1] if sockets else config.port
     host = config.host if ":" not in config.host else f"[{config.host}]"

@@ -15,6 +15,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -145,10 +146,12 @@ class SQLiteStore(Store):
             self._r = await aiosqlite.connect(self.path, isolation_level=None)
             self._r.row_factory = sqlite3.Row
             await self._r.execute("PRAGMA query_only=ON")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {str(self.path)!r}: {exc}") from exc
-        except OSError as exc:
-            raise StoreError(f"cannot open database {str(self.path)!r}: {exc.strerror}") from exc
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            await self.close()  # no thread or connection outlives a failed open
+            if isinstance(exc, StoreError):
+                raise
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise StoreError(f"cannot open database {str(self.path)!r}: {why}") from exc
 
     async def close(self) -> None:
         if self._r is not None:
@@ -351,8 +354,8 @@ class SQLiteStore(Store):
                 con.execute("INSERT INTO keys (name, role, key_hash, created) VALUES (?, ?, ?, ?)",
                             (name, role, key_hash, now))
             except sqlite3.IntegrityError:
-                raise StoreError(f"a key named {name!r} already exists; revoke it first "
-                                 "or choose another name") from None
+                raise StoreError(f"a live key named {name!r} (or with that value) already "
+                                 "exists; revoke it first or choose another name") from None
 
         await self._write(self._transaction, run)
 
@@ -404,17 +407,58 @@ def _watcher_item(row: sqlite3.Row) -> dict[str, Any]:
 
 def _watcher_state(con: sqlite3.Connection, watcher_id: str) -> dict[str, Any]:
     row = con.execute("SELECT * FROM watchers WHERE watcher_id = ?", (watcher_id,)).fetchone()
-    return _watcher_item(row)
+    return _watcher_item(row) if row is not None else {"watcher_id": watcher_id,
+                                                         "connected": False}
+
+
+@dataclass(slots=True)
+class _Place:
+    """Where a series sits: its row and its study's and patient's, with their keys."""
+
+    series_pk: int
+    study_pk: int
+    study_uid: str
+    patient_pk: int
+    patient_id: str
+
+
+_SERIES_FILL = (
+    "UPDATE series SET modality = iif(modality = '', ?, modality),"
+    " series_number = coalesce(series_number, ?),"
+    " series_description = iif(series_description = '', ?, series_description),"
+    " body_part_examined = iif(body_part_examined = '', ?, body_part_examined),"
+    " series_date = iif(series_date = '', ?, series_date),"
+    " series_time = iif(series_time = '', ?, series_time),"
+    " instance_count = instance_count + 1, last_seen = ?, status = 'receiving',"
+    " stable_since = NULL WHERE id = ?")
+_STUDY_FILL = (
+    "UPDATE studies SET study_date = iif(study_date = '', ?, study_date),"
+    " study_time = iif(study_time = '', ?, study_time),"
+    " study_description = iif(study_description = '', ?, study_description),"
+    " accession_number = iif(accession_number = '', ?, accession_number),"
+    " study_id = iif(study_id = '', ?, study_id),"
+    " referring_physician_name = iif(referring_physician_name = '', ?,"
+    "   referring_physician_name), last_seen = ? WHERE id = ?")
+_PATIENT_FILL = (
+    "UPDATE patients SET issuer_of_patient_id = iif(issuer_of_patient_id = '', ?,"
+    "   issuer_of_patient_id),"
+    " patient_name = iif(patient_name = '', ?, patient_name),"
+    " patient_birth_date = iif(patient_birth_date = '', ?, patient_birth_date),"
+    " patient_sex = iif(patient_sex = '', ?, patient_sex), last_seen = ? WHERE id = ?")
 
 
 class _Ingest:
-    """One batch, applied inside the caller's transaction."""
+    """One batch, applied inside the caller's transaction.
+
+    Attributes merge by "first non-empty value wins": a later record fills what
+    is still empty and never overwrites. A study stays with the patient it was
+    first seen with, and a series with its study; a record that names another
+    study or patient for them fills nothing at those levels.
+    """
 
     def __init__(self, con: sqlite3.Connection, watcher_id: str, now: float) -> None:
         self.con, self.watcher_id, self.now = con, watcher_id, now
-        self.patients: dict[str, int] = {}
-        self.studies: dict[str, int] = {}
-        self.series: dict[str, int] = {}
+        self.places: dict[str, _Place] = {}  # series UID -> its place, for this batch
         self.created: set[int] = set()
         self.grown: dict[int, str] = {}  # series pk -> uid
         self.stored = self.duplicates = self.rejected = 0
@@ -444,7 +488,8 @@ class _Ingest:
         con.execute("DELETE FROM files WHERE watcher_id = ? AND path = ?",
                     (self.watcher_id, r.path))
         if old is not None and tuple(old) == (r.reason, r.detail, r.size, r.mtime):
-            return  # the same outcome re-sent after a lost acknowledgement
+            self.duplicates += 1  # the same outcome re-sent after a lost acknowledgement
+            return
         row = con.execute(
             "INSERT INTO rejections (watcher_id, path, reason, detail, sop_instance_uid, size,"
             " mtime, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
@@ -472,19 +517,17 @@ class _Ingest:
                        f"{existing[0]}, not {r.series_instance_uid}"))
             return
         if existing is None:
-            series_pk = self._series(r)
+            place = self._place(r)
             con.execute(
                 "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid,"
                 " instance_number, number_of_frames, rows, columns, transfer_syntax_uid,"
                 " specific_character_set, watcher_id, path, size, mtime, received)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (r.sop_instance_uid, series_pk, r.sop_class_uid, r.instance_number,
+                (r.sop_instance_uid, place.series_pk, r.sop_class_uid, r.instance_number,
                  r.number_of_frames, r.rows, r.columns, r.transfer_syntax_uid,
                  r.specific_character_set, self.watcher_id, r.path, r.size, r.mtime, self.now))
-            con.execute(
-                "UPDATE series SET instance_count = instance_count + 1, last_seen = ?,"
-                " status = 'receiving', stable_since = NULL WHERE id = ?", (self.now, series_pk))
-            self.grown[series_pk] = r.series_instance_uid
+            self._fill(r, place)
+            self.grown[place.series_pk] = r.series_instance_uid
             self.stored += 1
         else:
             self.duplicates += 1
@@ -497,88 +540,57 @@ class _Ingest:
         con.execute("DELETE FROM rejections WHERE watcher_id = ? AND path = ?",
                     (self.watcher_id, r.path))
 
-    def _patient(self, r: InstanceRecord) -> int:
-        pk = self.patients.get(r.patient_id)
-        if pk is None:
-            # Keep the first non-empty value of each attribute: the outcome must not
-            # depend on the order in which copies of a study arrive.
-            pk = self.con.execute(
-                "INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name,"
-                " patient_birth_date, patient_sex, first_seen, last_seen)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (patient_id) DO UPDATE SET"
-                " issuer_of_patient_id = iif(issuer_of_patient_id = '',"
-                "   excluded.issuer_of_patient_id, issuer_of_patient_id),"
-                " patient_name = iif(patient_name = '', excluded.patient_name, patient_name),"
-                " patient_birth_date = iif(patient_birth_date = '', excluded.patient_birth_date,"
-                "   patient_birth_date),"
-                " patient_sex = iif(patient_sex = '', excluded.patient_sex, patient_sex),"
-                " last_seen = excluded.last_seen RETURNING id",
-                (r.patient_id, r.issuer_of_patient_id, r.patient_name, r.patient_birth_date,
-                 r.patient_sex, self.now, self.now)).fetchone()[0]
-            self.patients[r.patient_id] = pk
-        return pk
+    def _fill(self, r: InstanceRecord, place: _Place) -> None:
+        """Count the new instance and fill attributes still empty, level by level."""
+        con, now = self.con, self.now
+        con.execute(_SERIES_FILL, (r.modality, r.series_number, r.series_description,
+                                   r.body_part_examined, r.series_date, r.series_time, now,
+                                   place.series_pk))
+        if r.study_instance_uid == place.study_uid:
+            con.execute(_STUDY_FILL, (r.study_date, r.study_time, r.study_description,
+                                      r.accession_number, r.study_id,
+                                      r.referring_physician_name, now, place.study_pk))
+        if r.patient_id == place.patient_id:
+            con.execute(_PATIENT_FILL, (r.issuer_of_patient_id, r.patient_name,
+                                        r.patient_birth_date, r.patient_sex, now,
+                                        place.patient_pk))
 
-    def _study(self, r: InstanceRecord) -> int:
-        pk = self.studies.get(r.study_instance_uid)
-        if pk is not None:
-            return pk
+    def _place(self, r: InstanceRecord) -> _Place:
+        """Find the series' rows, creating series, study and patient as needed."""
+        place = self.places.get(r.series_instance_uid)
+        if place is not None:
+            return place
         con = self.con
-        row = con.execute("SELECT id FROM studies WHERE study_instance_uid = ?",
-                          (r.study_instance_uid,)).fetchone()
-        if row is None:
-            # A study belongs to the patient it was first seen with; a later file
-            # naming another patient for the same study does not move it.
-            pk = con.execute(
-                "INSERT INTO studies (study_instance_uid, patient_pk, study_date, study_time,"
-                " study_description, accession_number, study_id, referring_physician_name,"
-                " first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (r.study_instance_uid, self._patient(r), r.study_date, r.study_time,
-                 r.study_description, r.accession_number, r.study_id,
-                 r.referring_physician_name, self.now, self.now)).fetchone()[0]
+        row = con.execute(
+            "SELECT s.id, st.id, st.study_instance_uid, p.id, p.patient_id FROM series s"
+            " JOIN studies st ON st.id = s.study_pk JOIN patients p ON p.id = st.patient_pk"
+            " WHERE s.series_instance_uid = ?", (r.series_instance_uid,)).fetchone()
+        if row is not None:
+            place = _Place(*row)
         else:
-            pk = row[0]
-            con.execute(
-                "UPDATE studies SET"
-                " study_date = iif(study_date = '', ?, study_date),"
-                " study_time = iif(study_time = '', ?, study_time),"
-                " study_description = iif(study_description = '', ?, study_description),"
-                " accession_number = iif(accession_number = '', ?, accession_number),"
-                " study_id = iif(study_id = '', ?, study_id),"
-                " referring_physician_name = iif(referring_physician_name = '', ?,"
-                "   referring_physician_name),"
-                " last_seen = ? WHERE id = ?",
-                (r.study_date, r.study_time, r.study_description, r.accession_number,
-                 r.study_id, r.referring_physician_name, self.now, pk))
-            con.execute("UPDATE patients SET last_seen = ? WHERE id ="
-                        " (SELECT patient_pk FROM studies WHERE id = ?)", (self.now, pk))
-        self.studies[r.study_instance_uid] = pk
-        return pk
+            study = con.execute(
+                "SELECT st.id, st.study_instance_uid, p.id, p.patient_id FROM studies st"
+                " JOIN patients p ON p.id = st.patient_pk WHERE st.study_instance_uid = ?",
+                (r.study_instance_uid,)).fetchone()
+            if study is None:
+                study = self._new_study(r)
+            series_pk = con.execute(
+                "INSERT INTO series (series_instance_uid, study_pk, first_seen, last_seen)"
+                " VALUES (?, ?, ?, ?) RETURNING id",
+                (r.series_instance_uid, study[0], self.now, self.now)).fetchone()[0]
+            self.created.add(series_pk)
+            place = _Place(series_pk, *study)
+        self.places[r.series_instance_uid] = place
+        return place
 
-    def _series(self, r: InstanceRecord) -> int:
-        pk = self.series.get(r.series_instance_uid)
-        if pk is not None:
-            return pk
-        row = self.con.execute("SELECT id FROM series WHERE series_instance_uid = ?",
-                               (r.series_instance_uid,)).fetchone()
-        if row is None:
-            pk = self.con.execute(
-                "INSERT INTO series (series_instance_uid, study_pk, modality, series_number,"
-                " series_description, body_part_examined, series_date, series_time,"
-                " first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (r.series_instance_uid, self._study(r), r.modality, r.series_number,
-                 r.series_description, r.body_part_examined, r.series_date, r.series_time,
-                 self.now, self.now)).fetchone()[0]
-            self.created.add(pk)
-        else:
-            pk = row[0]
-            self._study(r)  # refresh the study's and patient's attributes and last_seen
-            self.con.execute(
-                "UPDATE series SET"
-                " modality = iif(modality = '', ?, modality),"
-                " series_number = coalesce(series_number, ?),"
-                " series_description = iif(series_description = '', ?, series_description),"
-                " body_part_examined = iif(body_part_examined = '', ?, body_part_examined)"
-                " WHERE id = ?",
-                (r.modality, r.series_number, r.series_description, r.body_part_examined, pk))
-        self.series[r.series_instance_uid] = pk
-        return pk
+    def _new_study(self, r: InstanceRecord) -> tuple[int, str, int, str]:
+        con = self.con
+        patient_pk = con.execute(
+            "INSERT INTO patients (patient_id, first_seen, last_seen) VALUES (?, ?, ?)"
+            " ON CONFLICT (patient_id) DO UPDATE SET last_seen = excluded.last_seen"
+            " RETURNING id", (r.patient_id, self.now, self.now)).fetchone()[0]
+        study_pk = con.execute(
+            "INSERT INTO studies (study_instance_uid, patient_pk, first_seen, last_seen)"
+            " VALUES (?, ?, ?, ?) RETURNING id",
+            (r.study_instance_uid, patient_pk, self.now, self.now)).fetchone()[0]
+        return study_pk, r.study_instance_uid, patient_pk, r.patient_id

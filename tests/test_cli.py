@@ -235,3 +235,16 @@ async def test_hub_killed_mid_ingest_loses_and_doubles_nothing(
         assert list(last_kind.values()) == ["series.stable"] * series_count
     assert await watcher.stop() == 0
     assert await hub.stop() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_busy_port_is_a_clear_error(tmp_path: Path, services: list[Service]) -> None:
+    write_config(tmp_path)
+    first = await Service.start("hub", cwd=tmp_path, name="first")
+    services.append(first)
+    port = (await first.read_until(r"listening on http://127.0.0.1:(\d+)")).group(1)
+    (tmp_path / "second.toml").write_text(f"[hub]\nport = {port}\n")
+    second = run_cli("hub", "--config", "second.toml", cwd=tmp_path)
+    assert second.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
+    assert "Traceback" not in second.stderr
