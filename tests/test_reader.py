@@ -677,3 +677,35 @@ def test_samples_text_is_clean(samples: list[Sample]) -> None:
             if isinstance(value, str):
                 assert is_clean_text(value), (s.row["path"], name)
         assert parse_record(record_to_json(record)) == record
+
+
+# The fast path decodes raw bytes itself; pydicom's conversion is the reference.
+
+
+def test_fast_path_matches_pydicom_on_every_sample(samples: list[Sample]) -> None:
+    root = samples_root()
+    differences = []
+    for sample in samples:
+        path = root / sample.row["path"]
+        fast, slow = read_file(path, root), read_file(path, root, fast=False)
+        if fast != slow:
+            differences.append(sample.row["path"])
+    assert differences == []
+
+
+@pytest.mark.parametrize("charset, name", [
+    (None, "Doe^John"), ("ISO_IR 100", "Buc^Jérôme"), ("ISO_IR 192", "王^小東"),
+    ("ISO_IR 144", "Иванов^Иван"), ("ISO 2022 IR 100", "Äneas^Rüdiger"),
+])
+def test_fast_path_matches_pydicom_on_built_files(tmp_path: Path, charset: str | None,
+                                                  name: str) -> None:
+    path = tmp_path / "a.dcm"
+    ds = dataset(PatientName=name, StudyDescription="Étude  ", SeriesNumber="12",
+                 InstanceNumber="  7", Rows=512, Columns=256)
+    if charset:
+        ds.SpecificCharacterSet = charset
+    write(path, ds)
+    fast, slow = read_file(path, tmp_path), read_file(path, tmp_path, fast=False)
+    assert fast == slow
+    assert isinstance(fast, InstanceRecord) and fast.patient_name == name
+    assert (fast.series_number, fast.instance_number, fast.rows, fast.columns) == (12, 7, 512, 256)

@@ -37,6 +37,7 @@ from .state import Outcome, State
 log = logging.getLogger("dicomhub.watcher")
 
 SCAN_CHUNK = 500
+PARSE_CHUNK = 32
 _TEMP_SUFFIXES = (".tmp", ".part", "~")
 
 
@@ -197,38 +198,47 @@ class Watcher:
                     self._queue.put_nowait(path)
 
     async def _parse_loop(self, pool: ProcessPoolExecutor) -> None:
+        """Take what is ready in chunks: one worker call and one memory lookup per
+        chunk keeps the per-file cost low under a backlog; an idle watcher still
+        takes a single file at once."""
         loop = asyncio.get_running_loop()
         while True:
-            path = await self._queue.get()
+            chunk = [await self._queue.get()]
+            while len(chunk) < PARSE_CHUNK and not self._queue.empty():
+                chunk.append(self._queue.get_nowait())
             try:
-                await self._parse(loop, pool, path)
+                await self._parse(loop, pool, chunk)
             finally:
-                self._queued.discard(path)
+                self._queued.difference_update(chunk)
 
     async def _parse(self, loop: asyncio.AbstractEventLoop, pool: ProcessPoolExecutor,
-                     path: str) -> None:
-        root = self._root_of(path)
-        before = _stat(path)
-        if root is None or before is None:
-            return
-        if await self.state.unchanged([(os.fsencode(path), before.st_size,
-                                        before.st_mtime_ns)]):
-            return  # a spurious event for a version already delivered
-        label = root.name if len(self.roots) > 1 else ""
-        record = await loop.run_in_executor(pool, reader.read_file, Path(path), root, label)
-        after = _stat(path)
-        if after is None:
-            return  # deleted while we read it: nothing to report
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            self.settler.observe(path, after.st_size, after.st_mtime, time.time())
-            self._wake.set()
-            return  # changed while we read it: wait until it settles again
-        if record is None:
-            return
-        self.parsed += 1
-        retry = isinstance(record, Rejection) and record.reason == "unreadable"
-        self._results.append(Outcome(os.fsencode(path), before.st_size, before.st_mtime_ns,
-                                     record, remember=not retry))
+                     paths: list[str]) -> None:
+        todo: list[tuple[str, Path, os.stat_result]] = []
+        for path in paths:
+            root = self._root_of(path)
+            before = _stat(path)
+            if root is not None and before is not None:
+                todo.append((path, root, before))
+        known = await self.state.unchanged(
+            [(os.fsencode(p), st.st_size, st.st_mtime_ns) for p, _, st in todo])
+        todo = [item for item in todo if os.fsencode(item[0]) not in known]
+        if not todo:
+            return  # spurious events for versions already delivered
+        several = len(self.roots) > 1
+        records = await loop.run_in_executor(pool, reader.read_files, [
+            (path, str(root), root.name if several else "") for path, root, _ in todo])
+        for (path, _, before), record in zip(todo, records):
+            after = _stat(path)
+            if after is None or record is None:
+                continue  # gone while we read it: nothing to report
+            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                self.settler.observe(path, after.st_size, after.st_mtime, time.time())
+                self._wake.set()
+                continue  # changed while we read it: wait until it settles again
+            self.parsed += 1
+            retry = isinstance(record, Rejection) and record.reason == "unreadable"
+            self._results.append(Outcome(os.fsencode(path), before.st_size,
+                                         before.st_mtime_ns, record, remember=not retry))
         self._results_ready.set()
 
     async def _commit_loop(self) -> None:
