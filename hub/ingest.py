@@ -100,6 +100,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
     if previous is not None:
         # The same watcher again: its old connection is half-dead (a restart, a
         # network change). The newest one wins.
+        log.warning("watcher %s connected again; closing its older connection", watcher_id)
         await previous.close(code=CLOSE_REPLACED, message=b"replaced by a newer connection")
     sockets[watcher_id] = ws
     address = request.remote or ""

@@ -106,9 +106,10 @@ class Link:
                 if isinstance(message, Ack):
                     await self._acknowledged(message, in_flight)
                 elif isinstance(message, Error):
-                    if message.fatal:
-                        raise LinkError(f"hub: {message.message}")
-                    log.error("hub rejected batch %s: %s", message.batch_id, message.message)
+                    # A refused batch stays in the outbox; reconnecting later (after the
+                    # backoff) retries it, rather than spinning on it or dropping it.
+                    raise LinkError(f"hub refused {'the connection' if message.fatal else 'a batch'}"
+                                    f": {message.message}")
                 else:
                     raise LinkError(f"unexpected {message.type!r} message from the hub")
             if sender.done():

@@ -26,7 +26,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from dicomhub.config import WatcherConfig
-from dicomhub.protocol import Rejection
+from dicomhub.protocol import (
+    InstanceRecord,
+    ProtocolError,
+    Rejection,
+    parse_record,
+    record_to_json,
+)
 
 from . import reader
 from .events import Change, start_observer
@@ -236,6 +242,7 @@ class Watcher:
                 self._wake.set()
                 continue  # changed while we read it: wait until it settles again
             self.parsed += 1
+            record = _checked(record)
             retry = isinstance(record, Rejection) and record.reason == "unreadable"
             self._results.append(Outcome(os.fsencode(path), before.st_size,
                                          before.st_mtime_ns, record, remember=not retry))
@@ -250,6 +257,17 @@ class Watcher:
             if batch:
                 await self.state.put(batch)
                 self.link.wake()
+
+
+def _checked(record: InstanceRecord | Rejection) -> InstanceRecord | Rejection:
+    """Check a record against the protocol before it enters the outbox: one the hub
+    would refuse must become a visible rejection here, not block the outbox there."""
+    try:
+        parse_record(record_to_json(record))
+    except ProtocolError as exc:
+        return Rejection(path=record.path, size=record.size, mtime=record.mtime,
+                         reason="corrupt", detail=f"values the hub cannot accept: {exc}")
+    return record
 
 
 def _stat(path: str) -> os.stat_result | None:
