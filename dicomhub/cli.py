@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 
 from . import __version__, keys
 from .config import ENV_KEY, Config, WatcherConfig, load
@@ -211,8 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load(getattr(args, "config", None))
-        level = getattr(args, "log_level", None) or (config.watcher.log_level if args.command == "watch"
-                                   else config.hub.log_level)
+        level = getattr(args, "log_level", None) or (
+            config.watcher.log_level if args.command == "watch" else config.hub.log_level)
         _setup_logging(level)
         runner: Callable[[], Awaitable[object]]
         if args.command == "keys":

@@ -158,7 +158,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except Exception:
         # The route pattern, never the path: paths can carry a Patient ID.
         log.exception("internal error handling %s %s", request.method, _route_name(request))
-        raise json_error(web.HTTPInternalServerError, "internal error; see the hub's log")
+        raise json_error(web.HTTPInternalServerError,
+                         "internal error; see the hub's log") from None
 
 
 def _route_name(request: web.Request) -> str:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web_log import AccessLogger
 
 from dicomhub.config import HubConfig
 from dicomhub.errors import DicomhubError

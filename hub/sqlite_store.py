@@ -1,33 +1,30 @@
 """The SQLite store (the embedded default).
 
-Writes run on one dedicated thread with a plain sqlite3 connection: a batch is
-one Python function inside one `BEGIN IMMEDIATE … COMMIT`, so it costs one
-thread hop instead of one per statement, and SQLite's single writer is never
-contended. Reads use aiosqlite on a second connection; WAL mode lets them run
-while a batch commits. `synchronous=FULL` makes a commit durable before the
-watcher is acknowledged.
+Writes run on one dedicated thread (SQLiteThread): a batch is one Python
+function inside one `BEGIN IMMEDIATE … COMMIT`, so it costs one thread hop
+instead of one per statement, and SQLite's single writer is never contended.
+Reads use aiosqlite on a second connection; WAL mode lets them run while a
+batch commits. `synchronous=FULL` makes a commit durable before the watcher
+is acknowledged.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiosqlite
 
 from dicomhub.errors import StoreError
+from dicomhub.sqlitethread import SQLiteThread
 from dicomhub.protocol import InstanceRecord, Record, Rejection
 
 from . import schema
 from .store import Change, IngestResult, KeyInfo, ListQuery, Page, Store, iso
-
-T = TypeVar("T")
 
 _SERIES_SELECT = """
     SELECT s.id, s.series_instance_uid, st.study_instance_uid, p.patient_id,
@@ -100,40 +97,25 @@ def _rejection_item(row: sqlite3.Row) -> dict[str, Any]:
     return item
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=FULL")
-    con.execute("PRAGMA foreign_keys=ON")
-    return con
-
-
 def migrate(con: sqlite3.Connection) -> None:
-    """Bring the schema to the current version, each step in one transaction."""
-    con.execute("BEGIN IMMEDIATE")  # one migrating process at a time
-    try:
-        version = con.execute("PRAGMA user_version").fetchone()[0]
-        if version > schema.VERSION:
-            raise StoreError(
-                f"database schema version {version} is newer than this dicomhub "
-                f"understands ({schema.VERSION}); upgrade dicomhub"
-            )
-        for number in range(version, schema.VERSION):
-            for statement in schema.MIGRATIONS[number]:
-                con.execute(statement)
-        con.execute(f"PRAGMA user_version = {schema.VERSION}")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+    """Bring the schema to the current version. Run it in one transaction (BEGIN
+    IMMEDIATE: one migrating process at a time), so it is never left half-done."""
+    version = con.execute("PRAGMA user_version").fetchone()[0]
+    if version > schema.VERSION:
+        raise StoreError(
+            f"database schema version {version} is newer than this dicomhub "
+            f"understands ({schema.VERSION}); upgrade dicomhub"
+        )
+    for number in range(version, schema.VERSION):
+        for statement in schema.MIGRATIONS[number]:
+            con.execute(statement)
+    con.execute(f"PRAGMA user_version = {schema.VERSION}")
 
 
 class SQLiteStore(Store):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
-        self._w: sqlite3.Connection | None = None
+        self._writer = SQLiteThread("store-writer")
         self._r: aiosqlite.Connection | None = None
 
     # lifecycle ---------------------------------------------------------------
@@ -141,8 +123,8 @@ class SQLiteStore(Store):
     async def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._w = await self._write(_connect, self.path)
-            await self._write(migrate, self._w)
+            await self._writer.open(self.path)
+            await self._writer.transaction(migrate)
             self._r = await aiosqlite.connect(self.path, isolation_level=None)
             self._r.row_factory = sqlite3.Row
             await self._r.execute("PRAGMA query_only=ON")
@@ -157,25 +139,7 @@ class SQLiteStore(Store):
         if self._r is not None:
             await self._r.close()
             self._r = None
-        if self._w is not None:
-            con, self._w = self._w, None
-            await self._write(con.close)
-        self._writer.shutdown(wait=True)
-
-    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
-
-    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        con = self._w
-        assert con is not None, "store is not open"
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(con)
-            con.execute("COMMIT")
-            return result
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+        await self._writer.close()
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         assert self._r is not None, "store is not open"
@@ -190,8 +154,8 @@ class SQLiteStore(Store):
 
     async def ingest(self, watcher_id: str, records: Sequence[Record], now: float,
                      backlog: int = 0) -> IngestResult:
-        return await self._write(
-            self._transaction, lambda con: _Ingest(con, watcher_id, now).run(records, backlog))
+        return await self._writer.transaction(
+            lambda con: _Ingest(con, watcher_id, now).run(records, backlog))
 
     async def receiving_series(self) -> list[tuple[str, float]]:
         rows = await self._fetchall(
@@ -212,7 +176,7 @@ class SQLiteStore(Store):
                     changes.append(_log(con, now, "series.stable", _series_state(con, row[0])))
             return changes
 
-        return await self._write(self._transaction, run)
+        return await self._writer.transaction(run)
 
     # watchers ----------------------------------------------------------------
 
@@ -228,7 +192,7 @@ class SQLiteStore(Store):
                 (watcher_id, key_name, software, address, backlog, now, now))
             return _log(con, now, "watcher.connected", _watcher_state(con, watcher_id))
 
-        return await self._write(self._transaction, run)
+        return await self._writer.transaction(run)
 
     async def watcher_disconnected(self, watcher_id: str, now: float) -> Change:
         def run(con: sqlite3.Connection) -> Change:
@@ -236,19 +200,18 @@ class SQLiteStore(Store):
                         (now, watcher_id))
             return _log(con, now, "watcher.disconnected", _watcher_state(con, watcher_id))
 
-        return await self._write(self._transaction, run)
+        return await self._writer.transaction(run)
 
     async def watcher_backlog(self, watcher_id: str, backlog: int, now: float) -> None:
         def run(con: sqlite3.Connection) -> None:
             con.execute("UPDATE watchers SET backlog = ?, last_seen = ? WHERE watcher_id = ?",
                         (backlog, now, watcher_id))
 
-        await self._write(self._transaction, run)
+        await self._writer.transaction(run)
 
     async def reset_watchers(self) -> None:
         """At start no watcher is connected, whatever the last run left behind."""
-        await self._write(self._transaction,
-                          lambda con: con.execute("UPDATE watchers SET connected = 0"))
+        await self._writer.transaction(lambda con: con.execute("UPDATE watchers SET connected = 0"))
 
     async def list_watchers(self) -> list[dict[str, Any]]:
         rows = await self._fetchall("SELECT * FROM watchers ORDER BY watcher_id")
@@ -344,7 +307,7 @@ class SQLiteStore(Store):
         assert row is not None
         names = ("patients", "studies", "series", "series_receiving", "instances", "files",
                  "rejections", "last_seq")
-        return dict(zip(names, (int(v) for v in row)))
+        return dict(zip(names, (int(v) for v in row), strict=True))
 
     # keys --------------------------------------------------------------------
 
@@ -357,7 +320,7 @@ class SQLiteStore(Store):
                 raise StoreError(f"a live key named {name!r} (or with that value) already "
                                  "exists; revoke it first or choose another name") from None
 
-        await self._write(self._transaction, run)
+        await self._writer.transaction(run)
 
     async def find_key(self, key_hash: str) -> KeyInfo | None:
         row = await self._fetchone(
@@ -376,7 +339,7 @@ class SQLiteStore(Store):
                               (now, name))
             return cur.rowcount > 0
 
-        return await self._write(self._transaction, run)
+        return await self._writer.transaction(run)
 
     async def count_keys(self) -> int:
         row = await self._fetchone("SELECT count(*) FROM keys WHERE revoked IS NULL")

@@ -69,7 +69,7 @@ def test_random_jitter_stays_in_half_ceiling_to_ceiling(seed: int) -> None:
     rng = random.Random(seed)
     delays = take(40, uniform=rng.uniform)
     ceilings = take(40, uniform=highest)
-    for delay, ceiling in zip(delays, ceilings):
+    for delay, ceiling in zip(delays, ceilings, strict=True):
         assert ceiling / 2 <= delay <= ceiling
     assert max(delays) <= 30.0
     # jitter really varies once capped: watchers must not reconnect in lockstep

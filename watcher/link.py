@@ -108,8 +108,8 @@ class Link:
                 elif isinstance(message, Error):
                     # A refused batch stays in the outbox; reconnecting later (after the
                     # backoff) retries it, rather than spinning on it or dropping it.
-                    raise LinkError(f"hub refused {'the connection' if message.fatal else 'a batch'}"
-                                    f": {message.message}")
+                    what = "the connection" if message.fatal else "a batch"
+                    raise LinkError(f"hub refused {what}: {message.message}")
                 else:
                     raise LinkError(f"unexpected {message.type!r} message from the hub")
             if sender.done():

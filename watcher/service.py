@@ -184,7 +184,7 @@ class Watcher:
             known = await self.state.unchanged(
                 [(os.fsencode(p), size, mtime_ns) for p, size, mtime_ns, _ in entries])
             now = time.time()
-            for path, size, mtime_ns, mtime in entries:
+            for path, size, _, mtime in entries:
                 if os.fsencode(path) not in known:
                     self.settler.observe(path, size, mtime, now)
             self._wake.set()
@@ -233,7 +233,7 @@ class Watcher:
         several = len(self.roots) > 1
         records = await loop.run_in_executor(pool, reader.read_files, [
             (path, str(root), root.name if several else "") for path, root, _ in todo])
-        for (path, _, before), record in zip(todo, records):
+        for (path, _, before), record in zip(todo, records, strict=True):
             after = _stat(path)
             if after is None or record is None:
                 continue  # gone while we read it: nothing to report

@@ -11,21 +11,17 @@ Paths are stored as bytes: file names need not be valid UTF-8.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 from dicomhub.errors import DicomhubError
 from dicomhub.protocol import Record, record_to_json
-
-T = TypeVar("T")
+from dicomhub.sqlitethread import SQLiteThread
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
@@ -34,6 +30,11 @@ _SCHEMA = (
     " mtime_ns INTEGER NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
+
+
+def _create_schema(con: sqlite3.Connection) -> None:
+    for statement in _SCHEMA:
+        con.execute(statement)
 
 
 class StateError(DicomhubError):
@@ -54,8 +55,7 @@ class Outcome:
 class State:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="watcher-state")
-        self._con: sqlite3.Connection | None = None
+        self._db = SQLiteThread("watcher-state")
         self._lock_fd: int | None = None
         self.backlog = 0
 
@@ -71,59 +71,29 @@ class State:
             raise StateError(f"state folder {str(self.folder)!r} cannot be used: "
                              f"{exc.strerror}") from None
         try:
-            self._con = await self._run(self._connect)
-            self.backlog = await self._run(
-                lambda: self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+            con = await self._db.open(self.folder / "state.sqlite3")
+            await self._db.transaction(_create_schema)
+            self.backlog = await self._db.run(
+                lambda: con.execute("SELECT count(*) FROM outbox").fetchone()[0])
         except sqlite3.Error as exc:
             raise StateError(f"state database in {str(self.folder)!r} cannot be opened: "
                              f"{exc}") from None
 
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.folder / "state.sqlite3", isolation_level=None,
-                              check_same_thread=False, timeout=30)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=FULL")
-        for statement in _SCHEMA:
-            con.execute(statement)
-        return con
-
     async def close(self) -> None:
-        if self._con is not None:
-            con, self._con = self._con, None
-            await self._run(con.close)
-        self._thread.shutdown(wait=True)
+        await self._db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    @property
-    def _db(self) -> sqlite3.Connection:
-        assert self._con is not None, "state is not open"
-        return self._con
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
-    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        con = self._db
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(con)
-            con.execute("COMMIT")
-            return result
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-
     # identity -----------------------------------------------------------------
 
     async def get_meta(self, key: str) -> str | None:
-        row = await self._run(
-            lambda: self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone())
+        row = await self._db.run(
+            lambda: self._db.con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone())
         return row[0] if row else None
 
     async def set_meta(self, key: str, value: str) -> None:
-        await self._run(self._transaction, lambda con: con.execute(
+        await self._db.transaction(lambda con: con.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)))
 
     # delivered-file memory ----------------------------------------------------
@@ -133,13 +103,13 @@ class State:
         def run() -> set[bytes]:
             same = set()
             for path, size, mtime_ns in files:
-                row = self._db.execute("SELECT size, mtime_ns FROM delivered WHERE path = ?",
+                row = self._db.con.execute("SELECT size, mtime_ns FROM delivered WHERE path = ?",
                                        (path,)).fetchone()
                 if row is not None and row[0] == size and row[1] == mtime_ns:
                     same.add(path)
             return same
 
-        return await self._run(run)
+        return await self._db.run(run)
 
     # outbox -------------------------------------------------------------------
 
@@ -160,7 +130,7 @@ class State:
             return len(rows)
 
         try:
-            added = await self._run(self._transaction, run)
+            added = await self._db.transaction(run)
         except sqlite3.Error as exc:
             raise StateError(f"cannot write to the state folder {str(self.folder)!r}: "
                              f"{exc}") from None
@@ -169,7 +139,7 @@ class State:
 
     async def pending(self, after_id: int, limit: int) -> list[tuple[int, str]]:
         """Outbox rows after `after_id`, oldest first, as (id, record JSON)."""
-        return await self._run(lambda: self._db.execute(
+        return await self._db.run(lambda: self._db.con.execute(
             "SELECT id, record FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
             (after_id, limit)).fetchall())
 
@@ -179,6 +149,6 @@ class State:
             return con.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?",
                                (first_id, last_id)).rowcount
 
-        removed = await self._run(self._transaction, run)
+        removed = await self._db.transaction(run)
         self.backlog -= removed
         return removed
