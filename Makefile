@@ -16,6 +16,8 @@ run: $(STAMP)
 	$(BIN)/dicomhub up
 
 test: $(STAMP)
+	$(BIN)/ruff check dicomhub hub watcher tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 clean:

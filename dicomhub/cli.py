@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = getattr(args, "log_level", None) or (
             config.watcher.log_level if args.command == "watch" else config.hub.log_level)
         _setup_logging(level)
-        runner: Callable[[], Awaitable[object]]
+        runner: Callable[[], Awaitable[None]]
         if args.command == "keys":
             return asyncio.run(_keys(args, config))
         if args.command == "watch":
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner = lambda: _hub(config)  # noqa: E731
         else:
             runner = lambda: _up(config)  # noqa: E731
-        asyncio.run(_until_signalled(runner()))  # type: ignore[arg-type]
+        asyncio.run(_until_signalled(runner()))
         return 0
     except (DicomhubError, keys.KeyFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar, Union
 
 PROTOCOL_VERSION = 1
@@ -307,7 +308,7 @@ def _parse_error(obj: dict[str, Any]) -> Error:
                  batch_id=_int(obj, "batch_id", "", minimum=0), fatal=fatal)
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[dict[str, Any]], Message]] = {
     "hello": _parse_hello,
     "batch": _parse_batch,
     "welcome": _parse_welcome,
@@ -327,7 +328,8 @@ def parse_message(text: str | bytes) -> Message:
     parser = _PARSERS.get(kind) if isinstance(kind, str) else None
     if parser is None:
         raise _fail("type", f"one of {', '.join(_PARSERS)}", kind)
-    return parser(obj)  # type: ignore[no-any-return]
+    message: Message = parser(obj)
+    return message
 
 
 def encode_message(message: Message) -> str:

@@ -15,7 +15,7 @@ from aiohttp import web
 from dicomhub import __version__
 
 from . import query
-from .auth import STORE_KEY, json_error, public, requires
+from .auth import STORE_KEY, Handler, json_error, public, requires
 from .store import ListQuery, Page
 
 log = logging.getLogger("dicomhub.hub")
@@ -146,7 +146,7 @@ async def stats(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as JSON with a message; unexpected ones never leak details."""
     try:
         return await handler(request)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -24,7 +24,8 @@ log = logging.getLogger("dicomhub.hub")
 
 CONFIG_KEY = web.AppKey("config", HubConfig)
 MONITOR_KEY = web.AppKey("monitor", SeriesMonitor)
-SUBSCRIBERS_KEY = web.AppKey("subscribers", list)
+SUBSCRIBERS_KEY: web.AppKey[list[Callable[[Sequence[Change]], None]]] = web.AppKey(
+    "subscribers")
 
 WEB_FILES = {
     "index.html": "text/html",
@@ -53,7 +54,7 @@ class RouteAccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
-def _web_handler(name: str) -> Callable[[web.Request], object]:
+def _web_handler(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     @public
     async def serve(request: web.Request) -> web.FileResponse:
         return web.FileResponse(_web_dir() / name, headers={
@@ -72,8 +73,8 @@ def create_app(config: HubConfig, store: Store | None = None) -> web.Application
                           client_max_size=1024 * 1024)
     app[CONFIG_KEY] = config
     app[STORE_KEY] = store or SQLiteStore(config.database)
-    app[SUBSCRIBERS_KEY] = []
-    app[ingest.INGEST_SOCKETS] = {}
+    app[SUBSCRIBERS_KEY] = list[Callable[[Sequence[Change]], None]]()
+    app[ingest.INGEST_SOCKETS] = dict[str, web.WebSocketResponse]()
 
     def publish(changes: Sequence[Change]) -> None:
         for subscriber in app[SUBSCRIBERS_KEY]:
@@ -124,7 +125,6 @@ async def start(config: HubConfig, store: Store | None = None) -> tuple[web.AppR
         raise DicomhubError(f"cannot listen on {config.host}:{config.port}: "
                             f"{exc.strerror or exc} (is another hub running? "
                             "change [hub] port)") from None
-    sockets = site._server.sockets if site._server else ()  # type: ignore[union-attr]
-    port = sockets[0].getsockname()[1] if sockets else config.port
+    port = runner.addresses[0][1]  # the port actually bound (config may say 0)
     host = config.host if ":" not in config.host else f"[{config.host}]"
     return runner, f"http://{host}:{port}"

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 from aiohttp import WSMsgType, web
 
@@ -31,7 +31,7 @@ from dicomhub.protocol import (
 )
 
 from .auth import KEY_INFO, STORE_KEY, requires
-from .store import KeyInfo
+from .store import Change, KeyInfo
 
 log = logging.getLogger("dicomhub.hub")
 
@@ -41,9 +41,12 @@ CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
 CLOSE_REPLACED = 4000
 
-INGEST_SOCKETS = web.AppKey("ingest_sockets", dict)
-PUBLISH = web.AppKey("publish", Any)
-TOUCH = web.AppKey("touch", Any)
+Publish = Callable[[Sequence[Change]], None]
+Touch = Callable[[Mapping[str, float]], None]
+
+INGEST_SOCKETS: web.AppKey[dict[str, web.WebSocketResponse]] = web.AppKey("ingest_sockets")
+PUBLISH: web.AppKey[Publish] = web.AppKey("publish")  # hands changes to the live feed
+TOUCH: web.AppKey[Touch] = web.AppKey("touch")  # tells the stability timers
 
 
 async def _send(ws: web.WebSocketResponse, message: Message) -> None:

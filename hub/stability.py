@@ -37,7 +37,7 @@ class StabilityTracker:
 
     def due(self, now: float) -> list[str]:
         """Remove and return the series whose quiet period has passed by `now`."""
-        ready = []
+        ready: list[str] = []
         while True:
             self._drop_stale()
             if not self._heap or self._heap[0][0] > now:

@@ -240,10 +240,10 @@ def _to_record(ds: Dataset, has_dicm: bool, stop: _StopAtPixels, pixel_start: in
                          detail="a DICOMDIR (file-set index), not an image instance", **base)
     truncated = (_truncation(meta._dict, stop, -1, 0, "")
                  or _truncation(elements, stop, pixel_start, base["size"], transfer_syntax))
-    uids = {field: _fast_uid(ds, tag) if fast else None for field, (tag, _) in _UID_TAGS.items()}
+    uids: dict[str, str] = {}
     for field, (tag, _) in _UID_TAGS.items():
-        if uids[field] is None:
-            uids[field] = _uid(ds, tag)
+        fast_uid = _fast_uid(ds, tag) if fast else None
+        uids[field] = _uid(ds, tag) if fast_uid is None else fast_uid
     if truncated:
         return Rejection(reason="truncated", detail=truncated,
                          sop_instance_uid=uids["sop_instance_uid"], **base)
@@ -266,7 +266,8 @@ def _to_record(ds: Dataset, has_dicm: bool, stop: _StopAtPixels, pixel_start: in
     if not values["sop_class_uid"]:
         values["sop_class_uid"] = media_class
     values["transfer_syntax_uid"] = transfer_syntax or _inferred_syntax(ds)
-    return InstanceRecord(**base, **uids, **values)
+    values.update(uids)
+    return InstanceRecord(**base, **values)
 
 
 # The fast path: most values are plain bytes in a known encoding, and decoding
@@ -282,7 +283,7 @@ _SLOW = object()  # "decide with pydicom"
 def _raw(ds: Dataset, tag: int) -> bytes | None:
     """The undecoded value of a top-level element; b"" when absent; None when the
     element is not plain raw bytes (so pydicom must decide)."""
-    elem = ds._dict.get(tag)
+    elem = ds._dict.get(BaseTag(tag))
     if elem is None:
         return b""
     value = getattr(elem, "value", None)
@@ -317,9 +318,9 @@ def _fast_integer(ds: Dataset, tag: int) -> int | None | object:
         return _SLOW
     if not raw:
         return None
-    elem = ds._dict[tag]
+    elem = ds._dict[BaseTag(tag)]
     if tag in _US_TAGS:
-        if len(raw) != 2:
+        if len(raw) != 2 or not isinstance(elem, RawDataElement):
             return _SLOW
         return int.from_bytes(raw, "little" if elem.is_little_endian else "big")
     text = raw.decode("latin-1").split("\\")[0].strip(" \x00")

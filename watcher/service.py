@@ -308,11 +308,12 @@ def _walk(top: Path) -> Iterator[list[tuple[str, int, int, float]]]:
                     if not ignored(entry.name):
                         stack.append(entry.path)
                     continue
-                st = entry.stat()
+                found: os.stat_result | None = entry.stat()
             except OSError:
-                st = _link_stat(entry.path)  # a broken or looping symlink: report it
-                if st is None:
-                    continue
+                found = _link_stat(entry.path)  # a broken or looping symlink: report it
+            if found is None:
+                continue
+            st = found
             if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
                 chunk.append((entry.path, st.st_size, st.st_mtime_ns, st.st_mtime))
                 if len(chunk) >= SCAN_CHUNK:

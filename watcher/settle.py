@@ -63,7 +63,7 @@ class Settler(Generic[K]):
 
     def due(self, now: float) -> list[tuple[K, int, float]]:
         """Remove and return (key, size, mtime) of every file ready by `now`."""
-        ready = []
+        ready: list[tuple[K, int, float]] = []
         while True:
             self._drop_stale()
             if not self._heap or self._heap[0][0] > now:
