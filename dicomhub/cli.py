@@ -98,9 +98,12 @@ def _watcher_key(config: WatcherConfig, environ: os._Environ[str] | dict[str, st
     return keys.check(text, f"[watcher] key_file {str(config.key_file)!r}")
 
 
-async def _local_keys(config: Config) -> tuple[str, str | None]:
-    """For `up`: the local watcher's ingest key (made or reused) and, on the very
-    first start only, a new read key to show the user."""
+async def _local_keys(config: Config) -> tuple[str, str | None, str | None]:
+    """For `up`: the local watcher's ingest key (made or reused), on the very
+    first start only a new read key to show the user, and a one-time login
+    token for the dashboard."""
+    from hub.session import new_login_link
+
     store = _store(config)
     await store.open()
     try:
@@ -121,10 +124,14 @@ async def _local_keys(config: Config) -> tuple[str, str | None]:
             with os.fdopen(fd, "w") as fh:
                 fh.write(ingest_key + "\n")
         read_key = None
-        if first_start:
+        login = await new_login_link(store, LOCAL_READ_KEY)
+        if login is None:  # first start, or the local read key was revoked
             read_key = keys.generate()
             await store.create_key(LOCAL_READ_KEY, "read", keys.digest(read_key), time.time())
-        return ingest_key, read_key
+            login = await new_login_link(store, LOCAL_READ_KEY)
+            if not first_start:
+                read_key = None  # show a key only once; the link is enough
+        return ingest_key, read_key, login
     finally:
         await store.close()
 
@@ -153,14 +160,14 @@ async def _up(config: Config) -> None:
     from hub.app import start
     from watcher.service import Watcher
 
-    ingest_key, read_key = await _local_keys(config)
+    ingest_key, read_key, login = await _local_keys(config)
     runner, url = await start(config.hub)
     try:
         ws_url = url.replace("http://", "ws://", 1) + "/ws/ingest"
         watcher = Watcher(replace(config.watcher, hub_url=ws_url), ingest_key)
         folders = ", ".join(str(p) for p in config.watcher.watch)
         lines = [f"dicomhub {__version__} is running",
-                 f"  dashboard   {url}/",
+                 f"  dashboard   {url}/login?token={login}  (one-time link)",
                  f"  REST API    {url}/api/series",
                  f"  watching    {folders}"]
         if read_key is not None:

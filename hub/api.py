@@ -6,6 +6,7 @@ Handlers parse, call the store, respond. Every list answers
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any
@@ -16,12 +17,14 @@ from dicomhub import __version__
 
 from . import query
 from .auth import STORE_KEY, Handler, json_error, public, requires
+from .live import FEED_KEY
 from .store import ListQuery, Page
 
 log = logging.getLogger("dicomhub.hub")
 routes = web.RouteTableDef()
 
 MAX_CHANGES = 1000
+MAX_WAIT = 300  # seconds a long poll may be held
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -119,12 +122,16 @@ async def list_rejections(request: web.Request) -> web.Response:
 @requires("read")
 async def list_changes(request: web.Request) -> web.Response:
     try:
-        query.check_known(request.query, {"since", "limit"})
+        query.check_known(request.query, {"since", "limit", "wait"})
         since = query.integer(request.query, "since", 0, 0, 2**62)
         limit = query.integer(request.query, "limit", 100, 1, MAX_CHANGES)
+        wait = query.integer(request.query, "wait", 0, 0, MAX_WAIT)
     except query.BadQuery as exc:
         raise json_error(web.HTTPBadRequest, str(exc)) from None
-    changes = await request.app[STORE_KEY].changes(since, limit)
+    store = request.app[STORE_KEY]
+    changes = await store.changes(since, limit)
+    if not changes and wait and await request.app[FEED_KEY].wait_after(since, wait):
+        changes = await store.changes(since, limit)  # long poll: answer once one exists
     # As Orthanc's /changes: poll again with since=last; done says nothing more is waiting.
     return _json({"changes": [c.to_json() for c in changes],
                   "last": changes[-1].seq if changes else since,
@@ -143,6 +150,28 @@ async def list_watchers(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     _no_params(request)
     return _json(await request.app[STORE_KEY].stats())
+
+
+@web.middleware
+async def etag_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Pollers re-asking for an unchanged list get 304 Not Modified and no body.
+
+    The tag is a digest of the body itself, so it changes exactly when the answer
+    does, whatever the store looks like underneath."""
+    response = await handler(request)
+    if request.method != "GET" or response.status != 200 \
+            or not isinstance(response, web.Response) or response.body is None \
+            or response.content_type != "application/json":
+        return response
+    body = response.body
+    assert isinstance(body, bytes)
+    tag = '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
+    response.headers["ETag"] = tag
+    response.headers.setdefault("Cache-Control", "no-cache")
+    wanted = request.headers.get("If-None-Match", "")
+    if tag in (t.strip().removeprefix("W/") for t in wanted.split(",")) or wanted == "*":
+        return web.Response(status=304, headers={"ETag": tag, "Cache-Control": "no-cache"})
+    return response
 
 
 @web.middleware

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 
@@ -14,23 +14,31 @@ from aiohttp.abc import AbstractAccessLogger
 from dicomhub.config import HubConfig
 from dicomhub.errors import DicomhubError
 
-from . import api, ingest
+from . import api, ingest, live, session
 from .auth import STORE_KEY, auth_middleware, public
+from .feed import Feed
 from .monitor import SeriesMonitor
 from .sqlite_store import SQLiteStore
-from .store import Change, Store
+from .store import Store
 
 log = logging.getLogger("dicomhub.hub")
 
 CONFIG_KEY = web.AppKey("config", HubConfig)
 MONITOR_KEY = web.AppKey("monitor", SeriesMonitor)
-SUBSCRIBERS_KEY: web.AppKey[list[Callable[[Sequence[Change]], None]]] = web.AppKey(
-    "subscribers")
 
-WEB_FILES = {
-    "index.html": "text/html",
-    "app.js": "text/javascript",
-    "style.css": "text/css",
+WEB_TYPES = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    # No inline script or style: whatever a DICOM file smuggles in stays text.
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'",
 }
 
 
@@ -54,38 +62,34 @@ class RouteAccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
-def _web_handler(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    @public
-    async def serve(request: web.Request) -> web.FileResponse:
-        return web.FileResponse(_web_dir() / name, headers={
-            "Content-Type": WEB_FILES[name],
-            "Cache-Control": "no-cache",
-            "X-Content-Type-Options": "nosniff",
-            "X-Frame-Options": "DENY",
-            "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
-        })
-
-    return serve
+@public
+async def _web_file(request: web.Request) -> web.StreamResponse:
+    """The dashboard's static files: flat names in web/, by a fixed list of types."""
+    name = request.match_info.get("name", "index.html")
+    path = _web_dir() / name
+    content_type = WEB_TYPES.get(path.suffix)
+    if content_type is None or "/" in name or name.startswith(".") or not path.is_file():
+        raise web.HTTPNotFound()
+    return web.FileResponse(path, headers={"Content-Type": content_type, **PAGE_HEADERS})
 
 
 def create_app(config: HubConfig, store: Store | None = None) -> web.Application:
-    app = web.Application(middlewares=[api.error_middleware, auth_middleware],
+    app = web.Application(middlewares=[api.error_middleware, api.etag_middleware,
+                                       auth_middleware],
                           client_max_size=1024 * 1024)
     app[CONFIG_KEY] = config
     app[STORE_KEY] = store or SQLiteStore(config.database)
-    app[SUBSCRIBERS_KEY] = list[Callable[[Sequence[Change]], None]]()
+    feed = Feed(app[STORE_KEY])
+    app[live.FEED_KEY] = feed
+    app[ingest.PUBLISH] = feed.publish
     app[ingest.INGEST_SOCKETS] = dict[str, web.WebSocketResponse]()
-
-    def publish(changes: Sequence[Change]) -> None:
-        for subscriber in app[SUBSCRIBERS_KEY]:
-            subscriber(changes)
-
-    app[ingest.PUBLISH] = publish
+    app[live.LIVE_SOCKETS] = set[web.WebSocketResponse]()
     app.add_routes(api.routes)
     app.add_routes(ingest.routes)
-    app.router.add_get("/", _web_handler("index.html"))
-    for name in WEB_FILES:
-        app.router.add_get(f"/{name}", _web_handler(name))
+    app.add_routes(live.routes)
+    app.add_routes(session.routes)
+    app.router.add_get("/", _web_file)
+    app.router.add_get(r"/{name:[A-Za-z0-9_-][A-Za-z0-9_.-]*}", _web_file)
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_close_sockets)
     return app
@@ -99,13 +103,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[MONITOR_KEY] = monitor
     app[ingest.TOUCH] = monitor.touch
     await monitor.start()
+    await app[live.FEED_KEY].start()
     yield
+    await app[live.FEED_KEY].stop()
     await monitor.stop()
     await store.close()
 
 
 async def _close_sockets(app: web.Application) -> None:
-    sockets = list(app[ingest.INGEST_SOCKETS].values())
+    sockets = [*app[ingest.INGEST_SOCKETS].values(), *app[live.LIVE_SOCKETS]]
     await asyncio.gather(*(ws.close(code=1001, message=b"hub shutting down")
                            for ws in sockets), return_exceptions=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -58,7 +59,39 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip()
 
 
+COOKIE = "dicomhub_session"
+
+
+def same_origin(request: web.Request) -> bool:
+    origin = request.headers.get("Origin")
+    return origin is not None and origin == f"{request.scheme}://{request.host}"
+
+
+async def from_cookie(request: web.Request) -> KeyInfo | None:
+    """The key behind the request's dashboard session cookie, or None."""
+    token = request.cookies.get(COOKIE)
+    if not token or len(token) > 200:
+        return None
+    return await request.app[STORE_KEY].find_session(keys.digest(token), time.time())
+
+
 async def authenticate(request: web.Request) -> KeyInfo:
+    """A bearer key, or else a dashboard session cookie. A cookie rides along on
+    any request the browser makes, so with it a WebSocket handshake or an unsafe
+    method must come from our own origin."""
+    if bearer_token(request) is not None:
+        return await authenticate_bearer(request)
+    info = await from_cookie(request)
+    if info is None:
+        raise unauthorized("this endpoint needs 'Authorization: Bearer <key>' "
+                           "or a dashboard session")
+    is_websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+    if (is_websocket or request.method not in ("GET", "HEAD")) and not same_origin(request):
+        raise json_error(web.HTTPForbidden, "cross-origin request refused")
+    return info
+
+
+async def authenticate_bearer(request: web.Request) -> KeyInfo:
     token = bearer_token(request)
     if token is None:
         raise unauthorized("this endpoint needs 'Authorization: Bearer <key>'")
@@ -79,7 +112,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     role = getattr(route_handler, "required_role", "admin")
     if role is None or request.match_info.http_exception is not None:
         return await handler(request)  # public, or a 404/405 with nothing to protect
-    info = await authenticate(request)
+    # Watchers authenticate with their key only; cookies are for the dashboard.
+    info = await (authenticate_bearer(request) if role == "ingest" else authenticate(request))
     if not keys.allows(info.role, role):
         raise json_error(web.HTTPForbidden,
                      f"key {info.name!r} has role {info.role!r}; this needs {role!r}")

@@ -125,6 +125,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             payload TEXT NOT NULL
         )""",
     ),
+    # 2: dashboard sessions and one-time login links, both bound to a key: revoking
+    # the key ends them. Only hashes of the tokens are stored.
+    (
+        """CREATE TABLE sessions (
+            id INTEGER PRIMARY KEY,
+            token_hash TEXT NOT NULL UNIQUE,
+            key_id INTEGER NOT NULL REFERENCES keys(id),
+            kind TEXT NOT NULL CHECK (kind IN ('session', 'login')),
+            created REAL NOT NULL,
+            expires REAL NOT NULL
+        )""",
+        "CREATE INDEX sessions_expires ON sessions(expires)",
+    ),
 )
 
 VERSION = len(MIGRATIONS)

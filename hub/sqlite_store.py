@@ -27,10 +27,11 @@ from . import schema
 from .store import Change, IngestResult, KeyInfo, ListQuery, Page, Store, iso
 
 _SERIES_SELECT = """
-    SELECT s.id, s.series_instance_uid, st.study_instance_uid, p.patient_id,
-           p.patient_name, s.modality, s.series_number, s.series_description,
-           s.body_part_examined, s.series_date, s.series_time, s.instance_count,
-           s.status, s.first_seen, s.last_seen, s.stable_since
+    SELECT s.id, s.series_instance_uid, st.study_instance_uid, st.study_date,
+           st.study_description, st.accession_number, p.patient_id, p.patient_name,
+           s.modality, s.series_number, s.series_description, s.body_part_examined,
+           s.series_date, s.series_time, s.instance_count, s.status, s.first_seen,
+           s.last_seen, s.stable_since
     FROM series s JOIN studies st ON st.id = s.study_pk
                   JOIN patients p ON p.id = st.patient_pk
 """
@@ -344,6 +345,46 @@ class SQLiteStore(Store):
     async def count_keys(self) -> int:
         row = await self._fetchone("SELECT count(*) FROM keys WHERE revoked IS NULL")
         return int(row[0]) if row else 0
+
+    # sessions ------------------------------------------------------------------
+
+    async def create_session(self, token_hash: str, key_name: str, kind: str, now: float,
+                             expires: float) -> bool:
+        def run(con: sqlite3.Connection) -> bool:
+            con.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+            row = con.execute("SELECT id FROM keys WHERE name = ? AND revoked IS NULL",
+                              (key_name,)).fetchone()
+            if row is None:
+                return False
+            con.execute("INSERT INTO sessions (token_hash, key_id, kind, created, expires)"
+                        " VALUES (?, ?, ?, ?, ?)", (token_hash, row[0], kind, now, expires))
+            return True
+
+        return await self._writer.transaction(run)
+
+    async def find_session(self, token_hash: str, now: float) -> KeyInfo | None:
+        row = await self._fetchone(
+            "SELECT k.name, k.role FROM sessions s JOIN keys k ON k.id = s.key_id"
+            " WHERE s.token_hash = ? AND s.kind = 'session' AND s.expires > ?"
+            " AND k.revoked IS NULL", (token_hash, now))
+        return KeyInfo(row[0], row[1]) if row else None
+
+    async def redeem_login(self, token_hash: str, now: float) -> str | None:
+        def run(con: sqlite3.Connection) -> str | None:
+            row = con.execute(
+                "DELETE FROM sessions WHERE token_hash = ? AND kind = 'login'"
+                " RETURNING key_id, expires", (token_hash,)).fetchone()
+            if row is None or row[1] <= now:
+                return None
+            key = con.execute("SELECT name FROM keys WHERE id = ? AND revoked IS NULL",
+                              (row[0],)).fetchone()
+            return str(key[0]) if key else None
+
+        return await self._writer.transaction(run)
+
+    async def delete_session(self, token_hash: str) -> None:
+        await self._writer.transaction(
+            lambda con: con.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,)))
 
 
 # inside the writer thread ----------------------------------------------------------

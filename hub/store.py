@@ -151,3 +151,21 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def count_keys(self) -> int: ...
+
+    # dashboard sessions and one-time login links (token hashes only)
+    @abc.abstractmethod
+    async def create_session(self, token_hash: str, key_name: str, kind: str, now: float,
+                             expires: float) -> bool:
+        """Bind a token to the live key `key_name`; False when there is no such key."""
+
+    @abc.abstractmethod
+    async def find_session(self, token_hash: str, now: float) -> KeyInfo | None:
+        """The key behind a live session token (not a login link), or None."""
+
+    @abc.abstractmethod
+    async def redeem_login(self, token_hash: str, now: float) -> str | None:
+        """Use up a one-time login link; return its key's name, or None if spent,
+        expired or its key revoked."""
+
+    @abc.abstractmethod
+    async def delete_session(self, token_hash: str) -> None: ...

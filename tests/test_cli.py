@@ -145,7 +145,7 @@ async def test_up_prints_the_read_key_once_and_indexes_the_inbox(
     write_config(tmp_path)
     up = await Service.start("up", cwd=tmp_path, name="up1")
     services.append(up)
-    url = (await up.read_until(r"dashboard\s+(http://\S+)/")).group(1)
+    url = (await up.read_until(r"REST API\s+(http://\S+)/api/series")).group(1)
     key = (await up.read_until(KEY_RE.pattern)).group(0)
     assert (tmp_path / "data" / "hub.sqlite3").exists()
     key_file = tmp_path / "data" / "watcher" / "ingest.key"
@@ -162,7 +162,7 @@ async def test_up_prints_the_read_key_once_and_indexes_the_inbox(
 
         again = await Service.start("up", cwd=tmp_path, name="up2")
         services.append(again)
-        url = (await again.read_until(r"dashboard\s+(http://\S+)/")).group(1)
+        url = (await again.read_until(r"REST API\s+(http://\S+)/api/series")).group(1)
         await again.read_until(r"watching")
         await again.read_until(r"keys create|dhk_")
         assert not any(KEY_RE.search(line) for line in again.lines)
