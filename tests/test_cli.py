@@ -145,8 +145,15 @@ async def test_up_prints_the_read_key_once_and_indexes_the_inbox(
     write_config(tmp_path)
     up = await Service.start("up", cwd=tmp_path, name="up1")
     services.append(up)
+    link = (await up.read_until(r"dashboard\s+(http://\S+/login\?token=\S+)")).group(1)
     url = (await up.read_until(r"REST API\s+(http://\S+)/api/series")).group(1)
     key = (await up.read_until(KEY_RE.pattern)).group(0)
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as browser:  # one click, logged in
+        async with browser.get(link) as resp:
+            assert resp.status == 200 and str(resp.url) == url + "/"
+        async with browser.get(url + "/api/session") as resp:
+            assert resp.status == 200 and (await resp.json())["role"] == "read"
     assert (tmp_path / "data" / "hub.sqlite3").exists()
     key_file = tmp_path / "data" / "watcher" / "ingest.key"
     assert key_file.stat().st_mode & 0o077 == 0  # the ingest key is private
