@@ -21,7 +21,10 @@ from .store import Change, Store, iso
 
 log = logging.getLogger("dicomhub.hub")
 
-QUEUE_LIMIT = 1000  # messages a client may fall behind before it is cut off
+# Messages a client may fall behind before it is cut off: more than one batch can
+# produce (1,000 records, each a rejection or a series change), so a client that
+# keeps up is never cut off by a single large batch.
+QUEUE_LIMIT = 5000
 STATS_INTERVAL = 1.0
 
 

@@ -20,6 +20,7 @@ from dicomhub import keys
 
 from . import query
 from .auth import (
+    STORE_KEY,
     authenticate_bearer,
     bearer_token,
     from_cookie,
@@ -35,6 +36,7 @@ log = logging.getLogger("dicomhub.hub")
 FEED_KEY = web.AppKey("feed", Feed)
 LIVE_SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("live_sockets")
 
+RECHECK_INTERVAL = 2.0  # seconds between checks that the key or session still holds
 CLOSE_TOO_SLOW = 4008
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
@@ -79,6 +81,7 @@ async def live(request: web.Request) -> web.StreamResponse:
     client = feed.subscribe(too_slow)
     sockets.add(ws)
     sender: asyncio.Task[None] | None = None
+    guard: asyncio.Task[None] | None = None
     try:
         start = feed.last_seq if since is None else since
 
@@ -90,6 +93,7 @@ async def live(request: web.Request) -> web.StreamResponse:
         last = await feed.replay(start, send) if since is not None else start
         await ws.send_str(json.dumps({"kind": "live", "last_seq": last}))
         sender = asyncio.create_task(_drain(ws, client))
+        guard = asyncio.create_task(_guard(request, ws))
         async for msg in ws:  # only this task may read; clients have nothing to say
             if msg.type == WSMsgType.ERROR:
                 break
@@ -98,12 +102,32 @@ async def live(request: web.Request) -> web.StreamResponse:
     finally:
         feed.unsubscribe(client)
         sockets.discard(ws)
-        if sender is not None:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionResetError,
-                                     RuntimeError):
-                await sender
+        for task in (sender, guard):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionResetError,
+                                         RuntimeError):
+                    await task
     return ws
+
+
+async def _still_allowed(request: web.Request) -> bool:
+    token = bearer_token(request)
+    if token is None:
+        return await from_cookie(request) is not None
+    info = await request.app[STORE_KEY].find_key(keys.digest(token)) \
+        if keys.is_well_formed(token) else None
+    return info is not None
+
+
+async def _guard(request: web.Request, ws: web.WebSocketResponse) -> None:
+    """Re-check the key or session now and then: revoking a key, or logging out,
+    also ends the live connections it opened."""
+    while True:
+        await asyncio.sleep(RECHECK_INTERVAL)
+        if not await _still_allowed(request):
+            await ws.close(code=CLOSE_UNAUTHORIZED, message=b"key revoked or session ended")
+            return
 
 
 async def _drain(ws: web.WebSocketResponse, client: Client) -> None:
@@ -119,7 +143,8 @@ async def _drain(ws: web.WebSocketResponse, client: Client) -> None:
 
 async def _cut_off(request: web.Request, ws: web.WebSocketResponse, client: Client) -> None:
     reason = f"too slow; resume with ?since={client.last_sent}"
-    log.warning("live client cut off: it fell %d messages behind", client.queue.qsize())
+    log.warning("live client cut off: it fell more than %d messages behind",
+                client.queue.maxsize)
     try:
         await asyncio.wait_for(ws.close(code=CLOSE_TOO_SLOW, message=reason.encode()), 5.0)
     except (TimeoutError, ConnectionResetError, RuntimeError):

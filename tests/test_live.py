@@ -123,7 +123,7 @@ async def test_a_slow_client_is_cut_off_and_the_others_get_everything(
     feed = hub.runner.app[FEED_KEY]
     await wait_for(lambda: _async(len(feed.clients) == 2), "both clients to subscribe")
     # Far more than the queue bound plus what the kernel buffers can hold.
-    total, padding = feed_module.QUEUE_LIMIT + 3000, "x" * 10_000
+    total, padding = feed_module.QUEUE_LIMIT + 5000, "x" * 4_000
     seen: list[int] = []
 
     async def read_all() -> None:
@@ -238,3 +238,16 @@ async def test_ingest_never_accepts_a_session_cookie(hub: RunningHub) -> None:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await browser.ws_connect(hub.ws_url, headers={"Origin": hub.url})
         assert refused.value.status == 401
+
+
+async def test_revoking_a_key_closes_its_open_live_connections(
+        hub: RunningHub, http: aiohttp.ClientSession) -> None:
+    key = await hub.key("read", name="temporary")
+    ws = await http.ws_connect(hub.url + "/ws/live", headers=bearer(key))
+    assert json.loads((await ws.receive()).data)["kind"] == "live"
+    assert await hub.store.revoke_key("temporary", time.time())
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), TIMEOUT)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            break
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401

@@ -98,7 +98,7 @@ class Link:
         log.info("connected to %s (%s); %d records waiting", self.url, reply.hub,
                  self.state.backlog)
         self.connected.set()
-        in_flight: collections.deque[tuple[int, int]] = collections.deque()
+        in_flight: collections.deque[tuple[int, int, int]] = collections.deque()
         sender = asyncio.create_task(self._send_loop(ws, in_flight), name="link-sender")
         try:
             async for frame in ws:
@@ -119,15 +119,16 @@ class Link:
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                 await sender
 
-    async def _acknowledged(self, ack: Ack, in_flight: collections.deque[tuple[int, int]]) -> None:
+    async def _acknowledged(self, ack: Ack,
+                            in_flight: collections.deque[tuple[int, int, int]]) -> None:
         if not in_flight or in_flight[0][1] != ack.batch_id:
             raise LinkError(f"acknowledgement for unknown batch {ack.batch_id}")
-        first, last = in_flight.popleft()
+        first, last, _ = in_flight.popleft()
         self.delivered += await self.state.acknowledge(first, last)
         self._wake.set()
 
     async def _send_loop(self, ws: ClientConnection,
-                         in_flight: collections.deque[tuple[int, int]]) -> None:
+                         in_flight: collections.deque[tuple[int, int, int]]) -> None:
         last_sent = 0
         while True:
             self._wake.clear()
@@ -135,11 +136,14 @@ class Link:
                 rows = await self.state.pending(last_sent, self.batch_size)
                 if rows:
                     first, last_sent = rows[0][0], rows[-1][0]
+                    # The backlog once this batch is stored: what is not already on its way.
+                    backlog = max(0, self.state.backlog - len(rows)
+                                  - sum(count for _, _, count in in_flight))
                     # Records are stored as JSON already: splice them, don't re-encode.
                     frame = (f'{{"type":"batch","batch_id":{last_sent},'
-                             f'"backlog":{self.state.backlog},"records":['
+                             f'"backlog":{backlog},"records":['
                              + ",".join(text for _, text in rows) + "]}")
-                    in_flight.append((first, last_sent))
+                    in_flight.append((first, last_sent, len(rows)))
                     await ws.send(frame)
                     continue
             await self._wake.wait()
