@@ -63,7 +63,11 @@ def check_known(params: Mapping[str, str], allowed: set[str]) -> None:
 
 def list_query(params: Mapping[str, str], filters: tuple[str, ...]) -> ListQuery:
     """Filters, `limit` (1-1000, default 100) and `cursor` for a list endpoint."""
-    check_known(params, {*filters, "limit", "cursor"})
+    check_known(params, {*filters, "limit", "cursor", "order"})
+    order = params.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise BadQuery(f"parameter 'order' has value {order[:40]!r}: must be asc (oldest "
+                       "first, the default) or desc (newest first)")
     chosen: dict[str, str] = {}
     for name in filters:
         value = params.get(name)
@@ -80,4 +84,5 @@ def list_query(params: Mapping[str, str], filters: tuple[str, ...]) -> ListQuery
         filters=chosen,
         limit=integer(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
         after=decode_cursor(cursor) if cursor else 0,
+        newest_first=order == "desc",
     )

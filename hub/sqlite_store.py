@@ -222,12 +222,17 @@ class SQLiteStore(Store):
 
     async def _page(self, select: str, alias: str, filters: dict[str, str],
                     query: ListQuery, convert: Callable[[sqlite3.Row], dict[str, Any]]) -> Page:
-        clauses = [f"{alias}.id > ?"]
-        params: list[Any] = [query.after]
+        if query.newest_first:
+            clauses = [f"{alias}.id < ?"]
+            params: list[Any] = [query.after or 2**63 - 1]
+        else:
+            clauses = [f"{alias}.id > ?"]
+            params = [query.after]
         for name, value in query.filters.items():
             clauses.append(filters[name])
             params.append(value)
-        sql = f"{select} WHERE {' AND '.join(clauses)} ORDER BY {alias}.id LIMIT ?"
+        order = "DESC" if query.newest_first else "ASC"
+        sql = f"{select} WHERE {' AND '.join(clauses)} ORDER BY {alias}.id {order} LIMIT ?"
         rows = await self._fetchall(sql, (*params, query.limit + 1))
         more = len(rows) > query.limit
         rows = rows[: query.limit]

@@ -50,7 +50,8 @@ class ListQuery:
 
     filters: dict[str, str] = field(default_factory=dict)
     limit: int = 100
-    after: int = 0  # the last row id of the previous page
+    after: int = 0  # the last row id of the previous page (0: start at the beginning)
+    newest_first: bool = False
 
 
 @dataclass(frozen=True)

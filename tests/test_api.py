@@ -216,3 +216,15 @@ async def test_dashboard_page_is_served_with_security_headers(
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
     async with http.get(hub.url + "/app.js") as resp:
         assert resp.status == 200 and resp.content_type == "text/javascript"
+
+
+async def test_lists_page_newest_first_on_request(hub: RunningHub, api: Api,
+                                                  http: aiohttp.ClientSession) -> None:
+    await _ingest(hub, [Rejection(path=f"junk{n}.dcm", size=1, mtime=1.0, reason="not_dicom")
+                        for n in range(5)])
+    first = await api.get("/api/rejections", order="desc", limit=2)
+    assert [r["path"] for r in first["items"]] == ["junk4.dcm", "junk3.dcm"]
+    rest = await api.get("/api/rejections", order="desc", limit=10, cursor=first["next_cursor"])
+    assert [r["path"] for r in rest["items"]] == ["junk2.dcm", "junk1.dcm", "junk0.dcm"]
+    status, body = await status_of(http, f"{hub.url}/api/rejections?order=up", api.key)
+    assert status == 400 and "order" in body["message"]

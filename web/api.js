@@ -42,10 +42,10 @@ export const seriesDetail = (uid) => getJSON(`/api/series/${encodeURIComponent(u
  * Every item of a paged list, calling onPage(items) per page so that the
  * caller can show progress and need not hold the pages twice.
  */
-export async function eachPage(path, onPage, { limit = 1000, maxPages = Infinity } = {}) {
+export async function eachPage(path, onPage, { limit = 1000, maxPages = Infinity, params = {} } = {}) {
   let cursor = null;
   for (let pages = 0; pages < maxPages; pages += 1) {
-    const query = new URLSearchParams({ limit: String(limit) });
+    const query = new URLSearchParams({ ...params, limit: String(limit) });
     if (cursor) query.set("cursor", cursor);
     const page = await getJSON(`${path}?${query}`);
     onPage(page.items);

@@ -164,11 +164,11 @@ async function startLive(me) {
       for (const item of items) model.putSeries(item);
       loading.textContent = `Loading… ${count(model.series.size)} of ${count(stats.series)} series`;
     });
-    // Rejections come oldest first; the model keeps the newest ones.
+    // Only the newest rejections are shown: one page, newest first.
     await api.eachPage("/api/rejections", (items) => {
       if (mine !== generation) throw new Error("superseded");
       for (const item of items) model.putRejection(item);
-    });
+    }, { limit: 100, maxPages: 1, params: { order: "desc" } });
     const watchers = await api.getJSON("/api/watchers");
     if (mine !== generation) return;
     for (const watcher of watchers.items) model.putWatcher(watcher);
