@@ -546,8 +546,12 @@ class _Ingest:
             " sop_instance_uid = excluded.sop_instance_uid, size = excluded.size,"
             " mtime = excluded.mtime, received = excluded.received",
             (self.watcher_id, r.path, r.sop_instance_uid, r.size, r.mtime, self.now))
-        con.execute("DELETE FROM rejections WHERE watcher_id = ? AND path = ?",
-                    (self.watcher_id, r.path))
+        cleared = con.execute("DELETE FROM rejections WHERE watcher_id = ? AND path = ?"
+                              " RETURNING reason", (self.watcher_id, r.path)).fetchone()
+        if cleared is not None:
+            self.changes.append(_log(con, self.now, "rejection.cleared", {
+                "watcher_id": self.watcher_id, "path": r.path,
+                "sop_instance_uid": r.sop_instance_uid, "previous_reason": cleared[0]}))
 
     def _fill(self, r: InstanceRecord, place: _Place) -> None:
         """Count the new instance and fill attributes still empty, level by level."""

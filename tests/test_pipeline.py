@@ -109,6 +109,10 @@ async def test_bad_files_become_rejections_and_heal_when_fixed(hub: RunningHub, 
         return "cut-short.dcm" not in paths
 
     await wait_for(healed, "the completed file to replace its rejection")
+    cleared = [c for c in (await api.get("/api/changes"))["changes"]
+               if c["kind"] == "rejection.cleared"]
+    assert [(c["path"], c["previous_reason"]) for c in cleared] == [("cut-short.dcm",
+                                                                     "truncated")]
     detail = await api.get(f"/api/series/{ds.SeriesInstanceUID}")
     assert detail["instance_count"] == 1
     assert {i["sop_instance_uid"] for i in detail["instances"]} == {ds.SOPInstanceUID}

@@ -323,7 +323,7 @@ async def test_a_rejection_goes_when_its_path_is_indexed(store: SQLiteStore) -> 
     remaining = {(r["watcher_id"], r["path"]) for r in await all_rejections(store)}
     assert remaining == {("w1", path + ".other"), ("w2", path)}  # only (w1, path) goes
     assert (await store.stats())["rejections"] == 2
-    assert await kinds(store, seq) == ["series.created"]
+    assert await kinds(store, seq) == ["rejection.cleared", "series.created"]
 
 
 async def test_a_rejection_goes_also_when_its_path_holds_a_duplicate(store: SQLiteStore) -> None:

@@ -99,6 +99,11 @@ export class Model {
     }
   }
 
+  /** The file was replaced by one that is indexed: it is no longer rejected. */
+  dropRejection(item) {
+    if (this.rejections.delete(rejectionKey(item))) this.rejectionsChanged = true;
+  }
+
   recentRejections() {
     return [...this.rejections.values()].sort(byNewestRejection).slice(0, MAX_REJECTIONS);
   }
@@ -118,6 +123,7 @@ export class Model {
     const { kind } = change;
     if (kind.startsWith("series.")) this.putSeries(change);
     else if (kind === "instance.rejected") this.putRejection(change);
+    else if (kind === "rejection.cleared") this.dropRejection(change);
     else if (kind.startsWith("watcher.")) this.putWatcher(change);
   }
 
