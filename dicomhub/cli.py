@@ -163,8 +163,11 @@ async def _up(config: Config) -> None:
     ingest_key, read_key, login = await _local_keys(config)
     runner, url = await start(config.hub)
     try:
-        ws_url = url.replace("http://", "ws://", 1) + "/ws/ingest"
-        watcher = Watcher(replace(config.watcher, hub_url=ws_url), ingest_key)
+        ws_url = url.replace("http", "ws", 1) + "/ws/ingest"
+        # Its own hub: trust the hub's certificate (self-signed is fine) unless told
+        # which CA to use.
+        ca_file = config.watcher.ca_file or config.hub.tls_cert
+        watcher = Watcher(replace(config.watcher, hub_url=ws_url, ca_file=ca_file), ingest_key)
         folders = ", ".join(str(p) for p in config.watcher.watch)
         lines = [f"dicomhub {__version__} is running",
                  f"  dashboard   {url}/login?token={login}  (one-time link)",

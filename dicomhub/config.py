@@ -28,6 +28,14 @@ class HubConfig:
     database: Path = Path("data/hub.sqlite3")
     stable_after: float = 10.0
     log_level: str = "info"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None  # require client certificates signed by this CA
+    allow_insecure: bool = False  # plain HTTP on an address other than loopback
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,9 @@ class WatcherConfig:
     workers: int = 0  # 0 = one per core
     batch_size: int = 200
     log_level: str = "info"
+    ca_file: Path | None = None  # trust this CA for the hub (default: the system store)
+    client_cert: Path | None = None  # for hubs that require client certificates
+    client_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -139,8 +150,18 @@ def _hub(section: _Section) -> HubConfig:
         database=section.required_path("database", d.database),
         stable_after=section.number("stable_after", d.stable_after, 0.0, 7 * 86400.0),
         log_level=section.level("log_level"),
+        tls_cert=section.path("tls_cert", None),
+        tls_key=section.path("tls_key", None),
+        client_ca=section.path("client_ca", None),
+        allow_insecure=section.boolean("allow_insecure", False),
     )
     section.done()
+    if (hub.tls_cert is None) != (hub.tls_key is None):
+        raise ConfigError("Config 'hub.tls_cert' and 'hub.tls_key' go together: "
+                          "set both (HTTPS) or neither")
+    if hub.client_ca is not None and not hub.tls:
+        raise _fail("hub.client_ca", str(hub.client_ca),
+                    "client certificates need TLS: set hub.tls_cert and hub.tls_key")
     return hub
 
 
@@ -161,8 +182,14 @@ def _watcher(section: _Section) -> WatcherConfig:
         workers=section.integer("workers", d.workers, 0, 256),
         batch_size=section.integer("batch_size", d.batch_size, 1, 1000),
         log_level=section.level("log_level"),
+        ca_file=section.path("ca_file", None),
+        client_cert=section.path("client_cert", None),
+        client_key=section.path("client_key", None),
     )
     section.done()
+    if watcher.client_key is not None and watcher.client_cert is None:
+        raise _fail("watcher.client_key", str(watcher.client_key),
+                    "needs watcher.client_cert as well")
     names = [p.name for p in watcher.watch]
     if len(set(names)) != len(names):
         raise _fail("watcher.watch", [str(p) for p in watcher.watch],

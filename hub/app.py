@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
@@ -116,14 +118,50 @@ async def _close_sockets(app: web.Application) -> None:
                            for ws in sockets), return_exceptions=True)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_ssl(config: HubConfig) -> ssl.SSLContext | None:
+    """The TLS context for HTTPS/WSS, or None for plain HTTP (allowed on loopback,
+    elsewhere only with allow_insecure)."""
+    if not config.tls:
+        if not is_loopback(config.host):
+            if not config.allow_insecure:
+                raise DicomhubError(
+                    f"refusing plain HTTP on {config.host}: patient data would cross the "
+                    "network unencrypted. Set [hub] tls_cert and tls_key, or "
+                    "allow_insecure = true if something else encrypts the traffic")
+            log.warning("serving plain HTTP on %s (allow_insecure = true): keys and "
+                        "patient data cross the network unencrypted", config.host)
+        return None
+    assert config.tls_cert is not None and config.tls_key is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        if config.client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS
+            context.load_verify_locations(cafile=config.client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise DicomhubError(f"cannot load the hub's TLS files: {exc}") from None
+    return context
+
+
 async def start(config: HubConfig, store: Store | None = None) -> tuple[web.AppRunner, str]:
     """Start serving; return the runner (for cleanup) and the base URL actually bound."""
+    context = server_ssl(config)
     app = create_app(config, store)
     runner = web.AppRunner(app, access_log_class=RouteAccessLogger,
                            access_log=logging.getLogger("dicomhub.access"),
                            shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=context)
     try:
         await site.start()
     except OSError as exc:
@@ -133,4 +171,4 @@ async def start(config: HubConfig, store: Store | None = None) -> tuple[web.AppR
                             "change [hub] port)") from None
     port = runner.addresses[0][1]  # the port actually bound (config may say 0)
     host = config.host if ":" not in config.host else f"[{config.host}]"
-    return runner, f"http://{host}:{port}"
+    return runner, f"{'https' if context else 'http'}://{host}:{port}"

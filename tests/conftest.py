@@ -74,7 +74,7 @@ class RunningHub:
 
     @property
     def ws_url(self) -> str:
-        return self.url.replace("http://", "ws://", 1) + "/ws/ingest"
+        return self.url.replace("http", "ws", 1) + "/ws/ingest"
 
     async def key(self, role: str, name: str | None = None) -> str:
         key = keys.generate()

@@ -339,3 +339,17 @@ def test_watched_folders_need_distinct_names(tmp_path: Path) -> None:
         load(path, environ=NO_ENV)
     ok = write_config(tmp_path, '[watcher]\nwatch = ["a/inbox", "b/other"]\n')
     assert [p.name for p in load(ok, environ=NO_ENV).watcher.watch] == ["inbox", "other"]
+
+
+def test_tls_settings_go_together(tmp_path: Path) -> None:
+    half = write_config(tmp_path, '[hub]\ntls_cert = "hub.pem"\n')
+    with pytest.raises(ConfigError, match="'hub.tls_cert' and 'hub.tls_key' go together"):
+        load(half, environ=NO_ENV)
+    client_ca_alone = write_config(tmp_path, '[hub]\nclient_ca = "ca.pem"\n')
+    with pytest.raises(ConfigError, match="'hub.client_ca'"):
+        load(client_ca_alone, environ=NO_ENV)
+    full = write_config(tmp_path, '[hub]\ntls_cert = "a.pem"\ntls_key = "b.pem"\n'
+                                  '[watcher]\nca_file = "c.pem"\n')
+    config = load(full, environ=NO_ENV)
+    assert config.hub.tls and config.hub.tls_cert == tmp_path / "a.pem"
+    assert config.watcher.ca_file == tmp_path / "c.pem"

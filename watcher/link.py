@@ -13,7 +13,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -39,6 +41,19 @@ WELCOME_TIMEOUT = 30.0
 MAX_FRAME = 16 * 1024 * 1024
 
 
+def client_ssl(url: str, ca_file: Path | None, client_cert: Path | None,
+               client_key: Path | None) -> ssl.SSLContext | None:
+    """For a wss:// hub: verify it against `ca_file` (else the system store), and
+    present a client certificate when one is configured. None for ws://."""
+    if not url.startswith("wss://"):
+        return None
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if client_cert is not None:
+        context.load_cert_chain(client_cert, client_key)
+    return context
+
+
 class LinkError(Exception):
     """The hub answered in a way that ends this connection."""
 
@@ -46,8 +61,10 @@ class LinkError(Exception):
 class Link:
     def __init__(self, url: str, key: str, watcher_id: str, state: State, *,
                  batch_size: int = 200, window: int = 4,
-                 delays: Callable[[], Iterator[float]] = backoff) -> None:
+                 delays: Callable[[], Iterator[float]] = backoff,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.url, self.key, self.watcher_id, self.state = url, key, watcher_id, state
+        self.tls = tls
         self.batch_size, self.window, self._delays = batch_size, window, delays
         self._wake = asyncio.Event()
         self.connected = asyncio.Event()
@@ -68,6 +85,7 @@ class Link:
                     user_agent_header=f"dicomhub-watcher/{__version__}",
                     proxy=None, open_timeout=10, ping_interval=20, ping_timeout=20,
                     max_size=MAX_FRAME, compression=None,
+                    ssl=self.tls,
                 ) as ws:
                     await self._session(ws)
                     delays = self._delays()  # a session that got going resets the backoff
@@ -78,6 +96,9 @@ class Link:
                               "$DICOMHUB_KEY or [watcher] key_file, and the key's role", status)
                 else:
                     log.warning("the hub refused the connection: HTTP %d", status)
+            except ssl.SSLCertVerificationError as exc:
+                log.error("the hub's TLS certificate is not trusted (%s): refusing to "
+                          "connect; check [watcher] ca_file", exc.verify_message)
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError, LinkError) as exc:
                 log.warning("hub connection lost or refused: %s", _describe(exc))
             finally:

@@ -17,8 +17,9 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import socket
 import secrets
+import socket
+import ssl
 import stat
 import time
 from collections.abc import Iterator
@@ -36,9 +37,9 @@ from dicomhub.protocol import (
 
 from . import reader
 from .events import Change, start_observer
-from .link import Link
+from .link import Link, client_ssl
 from .settle import Settler
-from .state import Outcome, State
+from .state import Outcome, State, StateError
 
 log = logging.getLogger("dicomhub.watcher")
 
@@ -85,7 +86,7 @@ class Watcher:
         try:
             self.watcher_id = self.watcher_id or await self._default_id()
             self.link = Link(self.config.hub_url, self.key, self.watcher_id, self.state,
-                             batch_size=self.config.batch_size)
+                             batch_size=self.config.batch_size, tls=self._tls())
             observer = start_observer(self.roots, self._on_change, polling=self.config.polling,
                                       poll_interval=self.config.poll_interval)
             tasks = [asyncio.create_task(c, name=n) for n, c in (
@@ -117,6 +118,13 @@ class Watcher:
             if observer is not None:
                 await asyncio.to_thread(observer.join, 5)
             await self.state.close()
+
+    def _tls(self) -> ssl.SSLContext | None:
+        c = self.config
+        try:
+            return client_ssl(c.hub_url, c.ca_file, c.client_cert, c.client_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise StateError(f"cannot load the watcher's TLS files: {exc}") from None
 
     async def _default_id(self) -> str:
         """A stable id per state folder: the host name and a random suffix, kept."""
