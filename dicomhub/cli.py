@@ -16,6 +16,7 @@ from dataclasses import replace
 from . import __version__, keys
 from .config import ENV_KEY, Config, WatcherConfig, load
 from .errors import DicomhubError
+from .logs import keep_phi_out
 
 log = logging.getLogger("dicomhub")
 
@@ -31,6 +32,7 @@ def _setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.Formatter.converter = time.gmtime
+    keep_phi_out()
     # websockets logs every failed handshake with its traceback; our link says it better.
     logging.getLogger("websockets").setLevel(logging.CRITICAL)
 

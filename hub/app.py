@@ -15,6 +15,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from dicomhub.config import HubConfig
 from dicomhub.errors import DicomhubError
+from dicomhub.logs import keep_phi_out
 
 from . import api, ingest, live, session
 from .auth import STORE_KEY, auth_middleware, public
@@ -76,6 +77,7 @@ async def _web_file(request: web.Request) -> web.StreamResponse:
 
 
 def create_app(config: HubConfig, store: Store | None = None) -> web.Application:
+    keep_phi_out()
     app = web.Application(middlewares=[api.error_middleware, api.etag_middleware,
                                        auth_middleware],
                           client_max_size=1024 * 1024)

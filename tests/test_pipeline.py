@@ -291,3 +291,35 @@ async def test_symlink_loops_and_dangling_links_are_reported_not_followed(
     assert reasons == {"self-loop": "unreadable", "dangling.dcm": "unreadable"}
     detail = await api.get(f"/api/series/{ds.SeriesInstanceUID}")
     assert [i["path"] for i in detail["instances"]] == ["tree/real.dcm"]
+
+
+async def test_logs_never_hold_patient_names_or_ids(hub: RunningHub, api: Api, run_watcher,
+                                                    samples: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import urllib.parse
+
+    rows = manifest(samples)
+    with caplog.at_level(logging.DEBUG):
+        running = await run_watcher(hub, workers=2)
+        shutil.copytree(samples / "files", running.inbox / "samples")
+        await wait_outcomes(api, len(rows))
+        # Reads that carry PHI in the path and the query string.
+        patients = await api.all("/api/patients")
+        for patient in patients[:20]:
+            if patient["patient_id"]:
+                quoted = urllib.parse.quote(patient["patient_id"], safe="")
+                await api.get(f"/api/patients/{quoted}")
+                await api.get("/api/series", patient_id=patient["patient_id"])
+        async with api.session.get(api.base + "/api/patients/nobody-by-this-id-0",
+                                   headers={"Authorization": f"Bearer {api.key}"}) as gone:
+            assert gone.status == 404  # a miss is logged too, by route only
+    phi = {p["patient_id"] for p in patients} | {p["patient_name"] for p in patients}
+    # Values long and specific enough not to occur by chance in times or ports.
+    phi = {v for v in phi if len(v) >= 5 and not v.replace(".", "").isdigit()}
+    assert len(phi) > 20
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "GET /api/patients/{patient_id" in text  # the access log was captured
+    leaks = [f"{r.name}: {r.getMessage()[:300]}" for r in caplog.records
+             if any(v in r.getMessage() for v in phi)]
+    assert leaks == []

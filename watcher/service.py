@@ -27,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from dicomhub.config import WatcherConfig
+from dicomhub.logs import keep_phi_out
 from dicomhub.protocol import (
     InstanceRecord,
     ProtocolError,
@@ -56,6 +57,7 @@ def ignored(name: str) -> bool:
 
 class Watcher:
     def __init__(self, config: WatcherConfig, key: str) -> None:
+        keep_phi_out()
         self.config, self.key = config, key
         self.roots = [Path(r).resolve() for r in config.watch]
         self.state = State(config.state_dir)
