@@ -18,7 +18,8 @@ from dicomhub.errors import DicomhubError
 from dicomhub.logs import keep_phi_out
 
 from . import api, ingest, live, session
-from .auth import STORE_KEY, auth_middleware, public
+from .auth import LIMITER_KEY, STORE_KEY, auth_middleware, public
+from .ratelimit import FailureLimiter
 from .feed import Feed
 from .monitor import SeriesMonitor
 from .sqlite_store import SQLiteStore
@@ -83,6 +84,7 @@ def create_app(config: HubConfig, store: Store | None = None) -> web.Application
                           client_max_size=1024 * 1024)
     app[CONFIG_KEY] = config
     app[STORE_KEY] = store or SQLiteStore(config.database)
+    app[LIMITER_KEY] = FailureLimiter()
     feed = Feed(app[STORE_KEY])
     app[live.FEED_KEY] = feed
     app[ingest.PUBLISH] = feed.publish

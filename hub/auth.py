@@ -17,6 +17,7 @@ from aiohttp import web
 
 from dicomhub import keys
 
+from .ratelimit import FailureLimiter
 from .store import KeyInfo, Store
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -91,10 +92,35 @@ async def authenticate(request: web.Request) -> KeyInfo:
     return info
 
 
+LIMITER_KEY = web.AppKey("auth_failures", FailureLimiter)
+
+
+def check_not_blocked(request: web.Request) -> None:
+    """Refuse an address that failed too often lately, before looking at its key."""
+    wait = request.app[LIMITER_KEY].retry_after(request.remote or "", time.monotonic())
+    if wait > 0:
+        raise json_error(web.HTTPTooManyRequests,
+                         "too many failed authentication attempts from this address; "
+                         f"try again in {wait:.0f} s", **{"Retry-After": str(int(wait) + 1)})
+
+
+def note_failure(request: web.Request) -> None:
+    request.app[LIMITER_KEY].failure(request.remote or "", time.monotonic())
+
+
 async def authenticate_bearer(request: web.Request) -> KeyInfo:
     token = bearer_token(request)
     if token is None:
         raise unauthorized("this endpoint needs 'Authorization: Bearer <key>'")
+    check_not_blocked(request)
+    try:
+        return await _check_bearer(request, token)
+    except web.HTTPUnauthorized:
+        note_failure(request)
+        raise
+
+
+async def _check_bearer(request: web.Request, token: str) -> KeyInfo:
     if not keys.is_well_formed(token):
         raise unauthorized("the key is not a dicomhub key")
     digest = keys.digest(token)

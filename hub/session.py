@@ -21,8 +21,10 @@ from .auth import (
     STORE_KEY,
     authenticate_bearer,
     bearer_token,
+    check_not_blocked,
     from_cookie,
     json_error,
+    note_failure,
     public,
 )
 from .store import KeyInfo, Store
@@ -71,10 +73,12 @@ async def login(request: web.Request) -> web.Response:
         key = None
     if not isinstance(key, str):
         raise json_error(web.HTTPBadRequest, 'send JSON {"key": "dhk_..."}')
+    check_not_blocked(request)
     key = key.strip()
     info = await request.app[STORE_KEY].find_key(keys.digest(key)) \
         if keys.is_well_formed(key) else None
     if info is None:
+        note_failure(request)
         raise json_error(web.HTTPUnauthorized, "unknown or revoked key")
     if not keys.allows(info.role, "read"):
         raise json_error(web.HTTPForbidden, f"key {info.name!r} has role {info.role!r}; "
