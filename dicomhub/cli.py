@@ -64,6 +64,7 @@ async def _keys(args: argparse.Namespace, config: Config) -> int:
             name, role = keys.check_name(args.name), keys.check_role(args.role)
             key = keys.generate()
             await store.create_key(name, role, keys.digest(key), time.time())
+            await _audit_cli(store, "key.create", f"{name} ({role})")
             print(key)
             print(f"created {role} key {name!r}; it is shown only once", file=sys.stderr)
         elif args.keys_command == "list":
@@ -76,10 +77,19 @@ async def _keys(args: argparse.Namespace, config: Config) -> int:
             if not await store.revoke_key(args.name, time.time()):
                 print(f"error: no live key named {args.name!r}", file=sys.stderr)
                 return 1
+            await _audit_cli(store, "key.revoke", args.name)
             print(f"revoked key {args.name!r}", file=sys.stderr)
     finally:
         await store.close()
     return 0
+
+
+async def _audit_cli(store, action: str, target: str) -> None:  # type: ignore[no-untyped-def]
+    from hub.store import AuditEntry
+
+    user = os.environ.get("USER") or os.environ.get("LOGNAME") or "?"
+    await store.audit([AuditEntry(time.time(), "cli", "admin", action, target,
+                                  f"local user {user}")])
 
 
 def _watcher_key(config: WatcherConfig, environ: os._Environ[str] | dict[str, str]) -> str:
@@ -121,6 +131,7 @@ async def _local_keys(config: Config) -> tuple[str, str | None, str | None]:
             ingest_key = keys.generate()
             await store.create_key(LOCAL_INGEST_KEY, "ingest", keys.digest(ingest_key),
                                    time.time())
+            await _audit_cli(store, "key.create", f"{LOCAL_INGEST_KEY} (ingest)")
             key_file.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
@@ -130,6 +141,7 @@ async def _local_keys(config: Config) -> tuple[str, str | None, str | None]:
         if login is None:  # first start, or the local read key was revoked
             read_key = keys.generate()
             await store.create_key(LOCAL_READ_KEY, "read", keys.digest(read_key), time.time())
+            await _audit_cli(store, "key.create", f"{LOCAL_READ_KEY} (read)")
             login = await new_login_link(store, LOCAL_READ_KEY)
             if not first_start:
                 read_key = None  # show a key only once; the link is enough

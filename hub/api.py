@@ -145,6 +145,13 @@ async def list_watchers(request: web.Request) -> web.Response:
     return _json({"items": await request.app[STORE_KEY].list_watchers()})
 
 
+@routes.get("/api/audit")
+@requires("admin")
+async def list_audit(request: web.Request) -> web.Response:
+    q = _list_query(request, ("actor", "action"))
+    return _page(await request.app[STORE_KEY].list_audit(q))
+
+
 @routes.get("/api/stats")
 @requires("read")
 async def stats(request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ from dicomhub.errors import DicomhubError
 from dicomhub.logs import keep_phi_out
 
 from . import api, ingest, live, session
+from .audit import AUDITOR_KEY, Auditor
 from .auth import LIMITER_KEY, STORE_KEY, auth_middleware, public
 from .ratelimit import FailureLimiter
 from .feed import Feed
@@ -85,6 +86,7 @@ def create_app(config: HubConfig, store: Store | None = None) -> web.Application
     app[CONFIG_KEY] = config
     app[STORE_KEY] = store or SQLiteStore(config.database)
     app[LIMITER_KEY] = FailureLimiter()
+    app[AUDITOR_KEY] = Auditor(app[STORE_KEY])
     feed = Feed(app[STORE_KEY])
     app[live.FEED_KEY] = feed
     app[ingest.PUBLISH] = feed.publish
@@ -110,7 +112,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[ingest.TOUCH] = monitor.touch
     await monitor.start()
     await app[live.FEED_KEY].start()
+    await app[AUDITOR_KEY].start()
     yield
+    await app[AUDITOR_KEY].stop()
     await app[live.FEED_KEY].stop()
     await monitor.stop()
     await store.close()

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from dicomhub import keys
 
+from .audit import AUDITOR_KEY, PHI_ROUTES
 from .ratelimit import FailureLimiter
 from .store import KeyInfo, Store
 
@@ -106,6 +107,13 @@ def check_not_blocked(request: web.Request) -> None:
 
 def note_failure(request: web.Request) -> None:
     request.app[LIMITER_KEY].failure(request.remote or "", time.monotonic())
+    request.app[AUDITOR_KEY].record(request, "", "", "auth.failed", _route(request),
+                                    outcome="refused")
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
 
 
 async def authenticate_bearer(request: web.Request) -> KeyInfo:
@@ -144,4 +152,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise json_error(web.HTTPForbidden,
                      f"key {info.name!r} has role {info.role!r}; this needs {role!r}")
     request[KEY_INFO] = info
+    if _route(request) in PHI_ROUTES:
+        request.app[AUDITOR_KEY].record(request, info.name, info.role, "read")
     return await handler(request)

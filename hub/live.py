@@ -28,6 +28,7 @@ from .auth import (
     public,
     same_origin,
 )
+from .audit import AUDITOR_KEY
 from .feed import Client, Feed
 from .store import KeyInfo
 
@@ -70,6 +71,7 @@ async def live(request: web.Request) -> web.StreamResponse:
     if not keys.allows(info.role, "read"):
         await ws.close(code=CLOSE_FORBIDDEN, message=b"this needs a read key")
         return ws
+    request.app[AUDITOR_KEY].record(request, info.name, info.role, "live.subscribe")
     feed, sockets = request.app[FEED_KEY], request.app[LIVE_SOCKETS]
     cutting: set[asyncio.Task[None]] = set()
 

@@ -24,7 +24,7 @@ from dicomhub.sqlitethread import SQLiteThread
 from dicomhub.protocol import InstanceRecord, Record, Rejection
 
 from . import schema
-from .store import Change, IngestResult, KeyInfo, ListQuery, Page, Store, iso
+from .store import AuditEntry, Change, IngestResult, KeyInfo, ListQuery, Page, Store, iso
 
 _SERIES_SELECT = """
     SELECT s.id, s.series_instance_uid, st.study_instance_uid, st.study_date,
@@ -88,6 +88,12 @@ def _patient_item(row: sqlite3.Row) -> dict[str, Any]:
     item = dict(row)
     del item["id"]
     item["first_seen"], item["last_seen"] = iso(item["first_seen"]), iso(item["last_seen"])
+    return item
+
+
+def _audit_item(row: sqlite3.Row) -> dict[str, Any]:
+    item = dict(row)
+    item["time"] = iso(item["time"])
     return item
 
 
@@ -386,6 +392,19 @@ class SQLiteStore(Store):
             return str(key[0]) if key else None
 
         return await self._writer.transaction(run)
+
+    async def audit(self, entries: Sequence[AuditEntry]) -> None:
+        rows = [(e.time, e.actor, e.role, e.action, e.target, e.address, e.outcome)
+                for e in entries]
+        await self._writer.transaction(lambda con: con.executemany(
+            "INSERT INTO audit (time, actor, role, action, target, address, outcome)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)", rows))
+
+    async def list_audit(self, query: ListQuery) -> Page:
+        select = ("SELECT a.id, a.time, a.actor, a.role, a.action, a.target, a.address,"
+                  " a.outcome FROM audit a")
+        filters = {"actor": "a.actor = ?", "action": "a.action = ?"}
+        return await self._page(select, "a", filters, query, _audit_item)
 
     async def delete_session(self, token_hash: str) -> None:
         await self._writer.transaction(

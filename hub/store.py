@@ -61,6 +61,17 @@ class Page:
 
 
 @dataclass(frozen=True)
+class AuditEntry:
+    time: float
+    actor: str  # key name, or "cli" for the command line
+    role: str
+    action: str  # e.g. "read", "live.subscribe", "key.create", "auth.failed"
+    target: str  # what was touched (a route with its identifiers)
+    address: str
+    outcome: str = "ok"
+
+
+@dataclass(frozen=True)
 class KeyInfo:
     name: str
     role: str
@@ -170,3 +181,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_session(self, token_hash: str) -> None: ...
+
+    # audit trail (append-only)
+    @abc.abstractmethod
+    async def audit(self, entries: Sequence[AuditEntry]) -> None: ...
+
+    @abc.abstractmethod
+    async def list_audit(self, query: ListQuery) -> Page: ...
