@@ -31,11 +31,16 @@ from dicomhub.protocol import (
 )
 
 from .auth import KEY_INFO, STORE_KEY, requires
+from .ratelimit import TokenBucket
 from .store import Change, KeyInfo
 
 log = logging.getLogger("dicomhub.hub")
 
 HELLO_TIMEOUT = 30.0
+# Hostile or broken clients: a watcher sends a few batches a second at most.
+MAX_FRAMES_PER_SECOND = 100
+FRAME_BURST = 200
+MAX_VIOLATIONS = 20  # malformed messages answered before the connection is closed
 MAX_FRAME = 16 * 1024 * 1024  # a full batch of records with long paths fits easily
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
@@ -124,18 +129,39 @@ async def ingest(request: web.Request) -> web.StreamResponse:
 
 async def _serve(ws: web.WebSocketResponse, app: web.Application, watcher_id: str) -> None:
     store = app[STORE_KEY]
+    bucket = TokenBucket(MAX_FRAMES_PER_SECOND, FRAME_BURST, time.monotonic())
+    violations = 0
+
+    async def refuse(error: Error) -> bool:
+        """Answer a bad frame; True when the connection has had enough of them."""
+        nonlocal violations
+        violations += 1
+        if violations > MAX_VIOLATIONS:
+            await _fatal(ws, f"more than {MAX_VIOLATIONS} malformed messages; "
+                             "fix the client and reconnect")
+            return True
+        await _send(ws, error)
+        return False
+
     async for msg in ws:
+        if not bucket.take(time.monotonic()):
+            await _fatal(ws, f"more than {MAX_FRAMES_PER_SECOND} messages a second; slow down "
+                             "and reconnect")
+            return
         if msg.type != WSMsgType.TEXT:
-            if msg.type == WSMsgType.BINARY:
-                await _send(ws, Error(message="binary frames are not part of the protocol"))
+            if msg.type == WSMsgType.BINARY and await refuse(
+                    Error(message="binary frames are not part of the protocol")):
+                return
             continue
         try:
             message = parse_message(msg.data)
         except ProtocolError as exc:
-            await _send(ws, Error(message=str(exc), batch_id=_batch_id(msg.data)))
+            if await refuse(Error(message=str(exc), batch_id=_batch_id(msg.data))):
+                return
             continue
         if not isinstance(message, Batch):
-            await _send(ws, Error(message=f"unexpected {message.type!r} message"))
+            if await refuse(Error(message=f"unexpected {message.type!r} message")):
+                return
             continue
         try:
             result = await store.ingest(watcher_id, message.records, time.time(),

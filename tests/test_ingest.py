@@ -151,3 +151,43 @@ async def test_watcher_appears_connected_then_disconnected(hub: RunningHub, api:
     await wait_for(disconnected, "the hub to notice the watcher left")
     kinds = [c["kind"] for c in (await api.get("/api/changes"))["changes"]]
     assert kinds[0] == "watcher.connected" and kinds[-1] == "watcher.disconnected"
+
+
+async def test_a_client_that_keeps_sending_garbage_is_closed(hub: RunningHub, api: Api) -> None:
+    from hub.ingest import MAX_VIOLATIONS
+
+    async with session(hub, await hub.key("ingest")) as ws:
+        await reply(ws)
+        for _ in range(MAX_VIOLATIONS):
+            await ws.send("garbage")
+            assert (await reply(ws))["fatal"] is False
+        await ws.send("garbage")
+        last = await reply(ws)
+        assert last["fatal"] is True and "malformed" in last["message"]
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    async with session(hub, await hub.key("ingest"), "other") as ws:  # others unaffected
+        await reply(ws)
+        assert (await send_batch(ws, 1, [instance(1)]))["stored"] == 1
+
+
+async def test_a_flooding_client_is_closed(hub: RunningHub,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from hub import ingest as ingest_module
+
+    # The real limit (100 a second) is far above what a test can send reliably
+    # faster than the hub stores batches; a low one shows the mechanism.
+    monkeypatch.setattr(ingest_module, "MAX_FRAMES_PER_SECOND", 1)
+    monkeypatch.setattr(ingest_module, "FRAME_BURST", 5)
+    async with session(hub, await hub.key("ingest")) as ws:
+        await reply(ws)
+        frames = []
+        with pytest.raises(ConnectionClosed):
+            for n in range(50):
+                await ws.send(json.dumps({"type": "batch", "batch_id": n,
+                                          "records": [instance(1)]}))
+            while True:
+                frames.append(json.loads(await ws.recv()))
+        assert frames[-1]["fatal"] is True and "a second" in frames[-1]["message"]
+        assert len([f for f in frames if f["type"] == "ack"]) <= 6

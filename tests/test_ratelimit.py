@@ -51,3 +51,13 @@ async def test_hub_answers_429_after_repeated_bad_keys(hub: RunningHub,
         assert resp.status == 429
     async with http.get(hub.url + "/api/health") as resp:
         assert resp.status == 200  # health stays open
+
+
+def test_token_bucket_allows_bursts_then_the_rate() -> None:
+    from hub.ratelimit import TokenBucket
+
+    bucket = TokenBucket(rate=10.0, burst=3.0, now=0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(0.05) is False  # half a token back
+    assert bucket.take(0.1) is True  # one token after 0.1 s at 10/s
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]  # capped
