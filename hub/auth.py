@@ -7,6 +7,7 @@ decorator fails closed. Missing or unknown key: 401; known key, wrong role: 403.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -138,6 +139,29 @@ async def _check_bearer(request: web.Request, token: str) -> KeyInfo:
     if info is None or not hmac.compare_digest(digest, keys.digest(token)):
         raise unauthorized("unknown or revoked key")
     return info
+
+
+RECHECK_INTERVAL = 2.0  # seconds between checks that a socket's key or session holds
+
+
+async def still_allowed(request: web.Request) -> bool:
+    """Is the key (or session) that opened this request still valid?"""
+    token = bearer_token(request)
+    if token is None:
+        return await from_cookie(request) is not None
+    if not keys.is_well_formed(token):
+        return False
+    return await request.app[STORE_KEY].find_key(keys.digest(token)) is not None
+
+
+async def guard_socket(request: web.Request, ws: web.WebSocketResponse, code: int) -> None:
+    """Run beside a long-lived WebSocket: revoking its key (or ending its session)
+    closes it within RECHECK_INTERVAL."""
+    while not ws.closed:
+        await asyncio.sleep(RECHECK_INTERVAL)
+        if not await still_allowed(request):
+            await ws.close(code=code, message=b"key revoked or session ended")
+            return
 
 
 @web.middleware

@@ -30,7 +30,7 @@ from dicomhub.protocol import (
     parse_message,
 )
 
-from .auth import KEY_INFO, STORE_KEY, requires
+from .auth import KEY_INFO, STORE_KEY, guard_socket, requires
 from .ratelimit import TokenBucket
 from .store import Change, KeyInfo
 
@@ -45,6 +45,7 @@ MAX_FRAME = 16 * 1024 * 1024  # a full batch of records with long paths fits eas
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
 CLOSE_REPLACED = 4000
+CLOSE_REVOKED = 4401
 
 Publish = Callable[[Sequence[Change]], None]
 Touch = Callable[[Mapping[str, float]], None]
@@ -115,10 +116,12 @@ async def ingest(request: web.Request) -> web.StreamResponse:
     app[PUBLISH]([await store.watcher_connected(watcher_id, key.name, hello.software,
                                                 address, hello.backlog, time.time())])
     log.info("watcher %s connected from %s (key %s)", watcher_id, address, key.name)
+    guard = asyncio.create_task(guard_socket(request, ws, CLOSE_REVOKED))
     try:
         await _send(ws, Welcome(protocol=PROTOCOL_VERSION, hub=f"dicomhub {__version__}"))
         await _serve(ws, app, watcher_id)
     finally:
+        guard.cancel()
         if sockets.get(watcher_id) is ws:
             del sockets[watcher_id]
             change = await store.watcher_disconnected(watcher_id, time.time())

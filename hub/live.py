@@ -20,10 +20,10 @@ from dicomhub import keys
 
 from . import query
 from .auth import (
-    STORE_KEY,
     authenticate_bearer,
     bearer_token,
     from_cookie,
+    guard_socket,
     json_error,
     public,
     same_origin,
@@ -37,7 +37,6 @@ log = logging.getLogger("dicomhub.hub")
 FEED_KEY = web.AppKey("feed", Feed)
 LIVE_SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("live_sockets")
 
-RECHECK_INTERVAL = 2.0  # seconds between checks that the key or session still holds
 CLOSE_TOO_SLOW = 4008
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
@@ -95,7 +94,7 @@ async def live(request: web.Request) -> web.StreamResponse:
         last = await feed.replay(start, send) if since is not None else start
         await ws.send_str(json.dumps({"kind": "live", "last_seq": last}))
         sender = asyncio.create_task(_drain(ws, client))
-        guard = asyncio.create_task(_guard(request, ws))
+        guard = asyncio.create_task(guard_socket(request, ws, CLOSE_UNAUTHORIZED))
         async for msg in ws:  # only this task may read; clients have nothing to say
             if msg.type == WSMsgType.ERROR:
                 break
@@ -111,25 +110,6 @@ async def live(request: web.Request) -> web.StreamResponse:
                                          RuntimeError):
                     await task
     return ws
-
-
-async def _still_allowed(request: web.Request) -> bool:
-    token = bearer_token(request)
-    if token is None:
-        return await from_cookie(request) is not None
-    info = await request.app[STORE_KEY].find_key(keys.digest(token)) \
-        if keys.is_well_formed(token) else None
-    return info is not None
-
-
-async def _guard(request: web.Request, ws: web.WebSocketResponse) -> None:
-    """Re-check the key or session now and then: revoking a key, or logging out,
-    also ends the live connections it opened."""
-    while True:
-        await asyncio.sleep(RECHECK_INTERVAL)
-        if not await _still_allowed(request):
-            await ws.close(code=CLOSE_UNAUTHORIZED, message=b"key revoked or session ended")
-            return
 
 
 async def _drain(ws: web.WebSocketResponse, client: Client) -> None:

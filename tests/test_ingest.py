@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -191,3 +192,13 @@ async def test_a_flooding_client_is_closed(hub: RunningHub,
                 frames.append(json.loads(await ws.recv()))
         assert frames[-1]["fatal"] is True and "a second" in frames[-1]["message"]
         assert len([f for f in frames if f["type"] == "ack"]) <= 6
+
+
+async def test_revoking_an_ingest_key_closes_its_connection(hub: RunningHub) -> None:
+    async with session(hub, await hub.key("ingest", name="scanner-7")) as ws:
+        await reply(ws)
+        assert await hub.store.revoke_key("scanner-7", time.time())
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
