@@ -32,6 +32,9 @@ class HubConfig:
     tls_key: Path | None = None
     client_ca: Path | None = None  # require client certificates signed by this CA
     allow_insecure: bool = False  # plain HTTP on an address other than loopback
+    # Origins besides the hub's own from which a dashboard session may be used
+    # (e.g. the public name of a reverse proxy in front of the hub).
+    allowed_origins: tuple[str, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -120,6 +123,16 @@ class _Section:
             raise _fail(f"{self.name}.{key}", "", "must not be empty")
         return value
 
+    def origins(self, key: str) -> tuple[str, ...]:
+        value = self._get(key, [])
+        if not isinstance(value, list) or not all(
+            isinstance(v, str) and v.startswith(("http://", "https://")) and
+            v.rstrip("/").count("/") == 2 for v in value
+        ):
+            raise _fail(f"{self.name}.{key}", value,
+                        "expected a list of origins like \"https://hub.example.org\"")
+        return tuple(v.rstrip("/") for v in value)
+
     def paths(self, key: str, default: tuple[Path, ...]) -> tuple[Path, ...]:
         value = self._get(key, [str(p) for p in default])
         if isinstance(value, str):
@@ -154,6 +167,7 @@ def _hub(section: _Section) -> HubConfig:
         tls_key=section.path("tls_key", None),
         client_ca=section.path("client_ca", None),
         allow_insecure=section.boolean("allow_insecure", False),
+        allowed_origins=section.origins("allowed_origins"),
     )
     section.done()
     if (hub.tls_cert is None) != (hub.tls_key is None):

@@ -19,7 +19,7 @@ from dicomhub.logs import keep_phi_out
 
 from . import api, ingest, live, session
 from .audit import AUDITOR_KEY, Auditor
-from .auth import LIMITER_KEY, STORE_KEY, auth_middleware, public
+from .auth import ALLOWED_ORIGINS_KEY, LIMITER_KEY, STORE_KEY, auth_middleware, public
 from .ratelimit import FailureLimiter
 from .feed import Feed
 from .monitor import SeriesMonitor
@@ -86,6 +86,7 @@ def create_app(config: HubConfig, store: Store | None = None) -> web.Application
     app[CONFIG_KEY] = config
     app[STORE_KEY] = store or SQLiteStore(config.database)
     app[LIMITER_KEY] = FailureLimiter()
+    app[ALLOWED_ORIGINS_KEY] = config.allowed_origins
     app[AUDITOR_KEY] = Auditor(app[STORE_KEY])
     feed = Feed(app[STORE_KEY])
     app[live.FEED_KEY] = feed

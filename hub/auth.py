@@ -65,9 +65,16 @@ def bearer_token(request: web.Request) -> str | None:
 COOKIE = "dicomhub_session"
 
 
+ALLOWED_ORIGINS_KEY: web.AppKey[tuple[str, ...]] = web.AppKey("allowed_origins")
+
+
 def same_origin(request: web.Request) -> bool:
+    """Did the browser send this from the hub's own page (or an allowed origin)?"""
     origin = request.headers.get("Origin")
-    return origin is not None and origin == f"{request.scheme}://{request.host}"
+    if origin is None:
+        return False
+    return origin == f"{request.scheme}://{request.host}" \
+        or origin in request.app.get(ALLOWED_ORIGINS_KEY, ())
 
 
 async def from_cookie(request: web.Request) -> KeyInfo | None:

@@ -353,3 +353,12 @@ def test_tls_settings_go_together(tmp_path: Path) -> None:
     config = load(full, environ=NO_ENV)
     assert config.hub.tls and config.hub.tls_cert == tmp_path / "a.pem"
     assert config.watcher.ca_file == tmp_path / "c.pem"
+
+
+def test_allowed_origins_are_origins(tmp_path: Path) -> None:
+    good = write_config(tmp_path, '[hub]\nallowed_origins = ["https://hub.example.org/"]\n')
+    assert load(good, environ=NO_ENV).hub.allowed_origins == ("https://hub.example.org",)
+    for bad in ('"https://a"', '["hub.example.org"]', '["https://a/path"]'):
+        path = write_config(tmp_path, f"[hub]\nallowed_origins = {bad}\n")
+        with pytest.raises(ConfigError, match="'hub.allowed_origins'"):
+            load(path, environ=NO_ENV)

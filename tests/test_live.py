@@ -251,3 +251,24 @@ async def test_revoking_a_key_closes_its_open_live_connections(
         if msg.type != aiohttp.WSMsgType.TEXT:
             break
     assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401
+
+
+async def test_a_listed_origin_may_use_a_session(tmp_path) -> None:
+    from conftest import start_hub
+
+    hub = await start_hub(tmp_path, allowed_origins=("https://dicomhub.example",))
+    try:
+        key = await hub.key("read")
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+            async with browser.post(hub.url + "/api/session", json={"key": key}) as r:
+                assert r.status == 200
+            ws = await browser.ws_connect(hub.url + "/ws/live",
+                                          headers={"Origin": "https://dicomhub.example"})
+            assert json.loads((await ws.receive()).data)["kind"] == "live"
+            await ws.close()
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await browser.ws_connect(hub.url + "/ws/live",
+                                         headers={"Origin": "https://other.example"})
+            assert refused.value.status == 403
+    finally:
+        await hub.stop()
