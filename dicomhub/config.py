@@ -35,6 +35,7 @@ class HubConfig:
     # Origins besides the hub's own from which a dashboard session may be used
     # (e.g. the public name of a reverse proxy in front of the hub).
     allowed_origins: tuple[str, ...] = ()
+    phi_display: str = "full"  # "masked": the read role sees initials and hashed IDs
 
     @property
     def tls(self) -> bool:
@@ -123,6 +124,12 @@ class _Section:
             raise _fail(f"{self.name}.{key}", "", "must not be empty")
         return value
 
+    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.string(key, default)
+        if value not in allowed:
+            raise _fail(f"{self.name}.{key}", value, f"not one of {', '.join(allowed)}")
+        return value
+
     def origins(self, key: str) -> tuple[str, ...]:
         value = self._get(key, [])
         if not isinstance(value, list) or not all(
@@ -168,6 +175,7 @@ def _hub(section: _Section) -> HubConfig:
         client_ca=section.path("client_ca", None),
         allow_insecure=section.boolean("allow_insecure", False),
         allowed_origins=section.origins("allowed_origins"),
+        phi_display=section.choice("phi_display", "full", ("full", "masked")),
     )
     section.done()
     if (hub.tls_cert is None) != (hub.tls_key is None):

@@ -16,8 +16,9 @@ from aiohttp import web
 from dicomhub import __version__
 
 from . import query
-from .auth import STORE_KEY, Handler, json_error, public, requires
+from .auth import KEY_INFO, STORE_KEY, Handler, json_error, public, requires
 from .live import FEED_KEY
+from .mask import mask_text
 from .store import ListQuery, Page
 
 log = logging.getLogger("dicomhub.hub")
@@ -38,9 +39,19 @@ def _page(page: Page) -> web.Response:
 
 def _list_query(request: web.Request, filters: tuple[str, ...]) -> ListQuery:
     try:
-        return query.list_query(request.query, filters)
+        q = query.list_query(request.query, filters)
     except query.BadQuery as exc:
         raise json_error(web.HTTPBadRequest, str(exc)) from None
+    if "patient_id" in q.filters:
+        _patient_lookup_allowed(request)
+    return q
+
+
+def _patient_lookup_allowed(request: web.Request) -> None:
+    """With masked display, finding patients by their real ID would undo the mask."""
+    if request.app[FEED_KEY].masks(request[KEY_INFO].role):
+        raise json_error(web.HTTPForbidden, "patients are masked for this key "
+                         "(phi_display = masked): looking them up by ID needs an admin key")
 
 
 def _no_params(request: web.Request) -> None:
@@ -105,6 +116,7 @@ async def list_patients(request: web.Request) -> web.Response:
 @requires("read")
 async def get_patient(request: web.Request) -> web.Response:
     _no_params(request)
+    _patient_lookup_allowed(request)
     item = await request.app[STORE_KEY].get_patient(request.match_info["patient_id"])
     if item is None:
         raise _not_found("patient")
@@ -178,6 +190,21 @@ async def etag_middleware(request: web.Request, handler: Handler) -> web.StreamR
     wanted = request.headers.get("If-None-Match", "")
     if tag in (t.strip().removeprefix("W/") for t in wanted.split(",")) or wanted == "*":
         return web.Response(status=304, headers={"ETag": tag, "Cache-Control": "no-cache"})
+    return response
+
+
+@web.middleware
+async def mask_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With phi_display = "masked", the read role gets patients as initials and
+    hashed IDs in every JSON answer; admins see them whole."""
+    response = await handler(request)
+    feed = request.app[FEED_KEY]
+    info = request.get(KEY_INFO)
+    if info is None or not feed.masks(info.role) or not isinstance(response, web.Response) \
+            or response.content_type != "application/json" or response.body is None:
+        return response
+    assert feed.mask_secret is not None and isinstance(response.body, bytes)
+    response.text = mask_text(response.body, feed.mask_secret)
     return response
 
 

@@ -81,14 +81,14 @@ async def _web_file(request: web.Request) -> web.StreamResponse:
 def create_app(config: HubConfig, store: Store | None = None) -> web.Application:
     keep_phi_out()
     app = web.Application(middlewares=[api.error_middleware, api.etag_middleware,
-                                       auth_middleware],
+                                       api.mask_middleware, auth_middleware],
                           client_max_size=1024 * 1024)
     app[CONFIG_KEY] = config
     app[STORE_KEY] = store or SQLiteStore(config.database)
     app[LIMITER_KEY] = FailureLimiter()
     app[ALLOWED_ORIGINS_KEY] = config.allowed_origins
     app[AUDITOR_KEY] = Auditor(app[STORE_KEY])
-    feed = Feed(app[STORE_KEY])
+    feed = Feed(app[STORE_KEY], masked=config.phi_display == "masked")
     app[live.FEED_KEY] = feed
     app[ingest.PUBLISH] = feed.publish
     app[ingest.INGEST_SOCKETS] = dict[str, web.WebSocketResponse]()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from .mask import mask
 from .store import Change, Store, iso
 
 log = logging.getLogger("dicomhub.hub")
@@ -31,9 +32,11 @@ STATS_INTERVAL = 1.0
 class Client:
     """One live subscriber: its queue and what it was last sent."""
 
-    def __init__(self, on_overflow: Callable[[Client], None], limit: int = QUEUE_LIMIT) -> None:
+    def __init__(self, on_overflow: Callable[[Client], None], limit: int = QUEUE_LIMIT,
+                 masked: bool = False) -> None:
         self.queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue(limit)
         self.on_overflow = on_overflow
+        self.masked = masked  # sees patients masked (phi_display = "masked", read role)
         self.overflowed = False
         self.last_sent = 0
 
@@ -52,8 +55,10 @@ def encode(change: Change) -> str:
 
 
 class Feed:
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
-        self.store, self.clock = store, clock
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time,
+                 masked: bool = False) -> None:
+        self.store, self.clock, self.masked = store, clock, masked
+        self.mask_secret: bytes | None = None  # set at start when phi_display = "masked"
         self.clients: set[Client] = set()
         self.last_seq = 0
         self._changed = asyncio.Event()
@@ -62,6 +67,10 @@ class Feed:
 
     async def start(self) -> None:
         self.last_seq = await self.store.last_seq()
+        if self.masked:
+            secret = await self.store.setting("mask_secret")
+            assert secret is not None, "the schema migration makes the mask secret"
+            self.mask_secret = bytes.fromhex(secret)
         self._stats_task = asyncio.create_task(self._stats_loop(), name="feed-stats")
 
     async def stop(self) -> None:
@@ -76,8 +85,13 @@ class Feed:
             return
         for change in changes:
             text = encode(change)
+            masked = None  # made once per change, and only if someone needs it
             for client in list(self.clients):
-                client.offer(change.seq, text)
+                if client.masked:
+                    masked = masked or self.encode(change, True)
+                    client.offer(change.seq, masked)
+                else:
+                    client.offer(change.seq, text)
         self.last_seq = max(self.last_seq, changes[-1].seq)
         # Wake every long poll: swap in a fresh event so later waiters wait anew.
         self._changed.set()
@@ -96,15 +110,26 @@ class Feed:
 
     # live clients -------------------------------------------------------------
 
-    def subscribe(self, on_overflow: Callable[[Client], None]) -> Client:
-        client = Client(on_overflow)
+    def encode(self, change: Change, masked: bool) -> str:
+        if masked and self.mask_secret is not None:
+            return json.dumps(mask(change.to_json(), self.mask_secret), ensure_ascii=False,
+                              separators=(",", ":"))
+        return encode(change)
+
+    def masks(self, role: str) -> bool:
+        """Does a caller with this role see patients masked?"""
+        return self.mask_secret is not None and role != "admin"
+
+    def subscribe(self, on_overflow: Callable[[Client], None], masked: bool = False) -> Client:
+        client = Client(on_overflow, masked=masked)
         self.clients.add(client)
         return client
 
     def unsubscribe(self, client: Client) -> None:
         self.clients.discard(client)
 
-    async def replay(self, since: int, send: Callable[[int, str], Awaitable[None]]) -> int:
+    async def replay(self, since: int, send: Callable[[int, str], Awaitable[None]],
+                     masked: bool = False) -> int:
         """Send every logged change after `since`, oldest first; return the last seq sent.
 
         Call after subscribing: whatever commits during the replay is then both
@@ -115,7 +140,7 @@ class Feed:
         while True:
             changes = await self.store.changes(last, 1000)
             for change in changes:
-                await send(change.seq, encode(change))
+                await send(change.seq, self.encode(change, masked))
                 last = change.seq
             if len(changes) < 1000:
                 return last

@@ -79,7 +79,8 @@ async def live(request: web.Request) -> web.StreamResponse:
         cutting.add(task)
         task.add_done_callback(cutting.discard)
 
-    client = feed.subscribe(too_slow)
+    masked = feed.masks(info.role)
+    client = feed.subscribe(too_slow, masked)
     sockets.add(ws)
     sender: asyncio.Task[None] | None = None
     guard: asyncio.Task[None] | None = None
@@ -91,7 +92,7 @@ async def live(request: web.Request) -> web.StreamResponse:
             client.last_sent = seq
 
         client.last_sent = start
-        last = await feed.replay(start, send) if since is not None else start
+        last = await feed.replay(start, send, masked) if since is not None else start
         await ws.send_str(json.dumps({"kind": "live", "last_seq": last}))
         sender = asyncio.create_task(_drain(ws, client))
         guard = asyncio.create_task(guard_socket(request, ws, CLOSE_UNAUTHORIZED))

@@ -157,6 +157,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
            BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END""",
     ),
+    # 4: settings the hub makes for itself, such as the secret behind masked IDs.
+    (
+        "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "INSERT INTO settings (name, value) VALUES ('mask_secret', hex(randomblob(32)))",
+    ),
 )
 
 VERSION = len(MIGRATIONS)

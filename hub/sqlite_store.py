@@ -393,6 +393,10 @@ class SQLiteStore(Store):
 
         return await self._writer.transaction(run)
 
+    async def setting(self, name: str) -> str | None:
+        row = await self._fetchone("SELECT value FROM settings WHERE name = ?", (name,))
+        return str(row[0]) if row else None
+
     async def audit(self, entries: Sequence[AuditEntry]) -> None:
         rows = [(e.time, e.actor, e.role, e.action, e.target, e.address, e.outcome)
                 for e in entries]

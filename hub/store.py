@@ -182,6 +182,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_session(self, token_hash: str) -> None: ...
 
+    @abc.abstractmethod
+    async def setting(self, name: str) -> str | None:
+        """A value the hub keeps for itself (e.g. 'mask_secret')."""
+
     # audit trail (append-only)
     @abc.abstractmethod
     async def audit(self, entries: Sequence[AuditEntry]) -> None: ...
