@@ -36,6 +36,7 @@ class HubConfig:
     # (e.g. the public name of a reverse proxy in front of the hub).
     allowed_origins: tuple[str, ...] = ()
     phi_display: str = "full"  # "masked": the read role sees initials and hashed IDs
+    encryption_key_env: str = ""  # names the variable holding the database key
 
     @property
     def tls(self) -> bool:
@@ -58,6 +59,7 @@ class WatcherConfig:
     ca_file: Path | None = None  # trust this CA for the hub (default: the system store)
     client_cert: Path | None = None  # for hubs that require client certificates
     client_key: Path | None = None
+    encryption_key_env: str = ""  # names the variable holding the outbox key
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ def _hub(section: _Section) -> HubConfig:
         allow_insecure=section.boolean("allow_insecure", False),
         allowed_origins=section.origins("allowed_origins"),
         phi_display=section.choice("phi_display", "full", ("full", "masked")),
+        encryption_key_env=section.string("encryption_key_env", ""),
     )
     section.done()
     if (hub.tls_cert is None) != (hub.tls_key is None):
@@ -207,6 +210,7 @@ def _watcher(section: _Section) -> WatcherConfig:
         ca_file=section.path("ca_file", None),
         client_cert=section.path("client_cert", None),
         client_key=section.path("client_key", None),
+        encryption_key_env=section.string("encryption_key_env", ""),
     )
     section.done()
     if watcher.client_key is not None and watcher.client_cert is None:
@@ -218,6 +222,22 @@ def _watcher(section: _Section) -> WatcherConfig:
                     "folders watched together need distinct names (paths are reported "
                     "as <folder name>/<path>)")
     return watcher
+
+
+def encryption_key(variable: str, key: str, environ: Mapping[str, str] | None = None
+                   ) -> str | None:
+    """The secret named by `encryption_key_env` (config key `key`), or None when
+    encryption is off. A named but empty variable is an error: silently writing
+    patient data unencrypted is never the fallback."""
+    if not variable:
+        return None
+    env = os.environ if environ is None else environ
+    value = env.get(variable, "")
+    if len(value) < 16:
+        raise ConfigError(f"Config '{key}' names ${variable}, which "
+                          + ("is not set" if not value else "holds fewer than 16 characters")
+                          + ": set it to the database key (e.g. 64 hex digits)")
+    return value
 
 
 def parse(document: Mapping[str, Any], base: Path, source: Path | None = None) -> Config:

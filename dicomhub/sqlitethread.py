@@ -15,14 +15,53 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import StoreError
+
 T = TypeVar("T")
 
 
-def connect(path: Path) -> sqlite3.Connection:
+try:  # SQLCipher, for encryption at rest; optional (pip install dicomhub[encryption])
+    import sqlcipher3.dbapi2 as sqlcipher
+except ImportError:  # pragma: no cover - depends on the install
+    sqlcipher = None
+
+# What either driver raises: code must catch these, not sqlite3's alone.
+DB_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,) + (
+    (sqlcipher.Error,) if sqlcipher is not None else ())
+INTEGRITY_ERRORS: tuple[type[Exception], ...] = (sqlite3.IntegrityError,) + (
+    (sqlcipher.IntegrityError,) if sqlcipher is not None else ())
+
+
+def open_connection(path: Path, key: str | None = None) -> sqlite3.Connection:
+    """A connection, encrypted with SQLCipher when `key` is given.
+
+    Raises StoreError for a wrong key (or a plain file opened with one) and when
+    SQLCipher is not installed.
+    """
+    if key is None:
+        con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        con.row_factory = sqlite3.Row
+        return con
+    if sqlcipher is None:
+        raise StoreError("encryption at rest needs SQLCipher: pip install "
+                         "'dicomhub[encryption]' (the sqlcipher3-binary package)")
+    con = sqlcipher.connect(str(path), isolation_level=None, check_same_thread=False,
+                            timeout=30)
+    con.row_factory = sqlcipher.Row
+    con.execute("PRAGMA key = '" + key.replace("'", "''") + "'")
+    try:
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlcipher.DatabaseError:
+        con.close()
+        raise StoreError(f"cannot decrypt {str(path)!r}: wrong encryption key, or the "
+                         "file was not made with encryption") from None
+    return con  # type: ignore[no-any-return]
+
+
+def connect(path: Path, key: str | None = None) -> sqlite3.Connection:
     """WAL, so readers never wait for the writer; synchronous=FULL, so a commit is
     on disk before anyone is told it happened."""
-    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    con.row_factory = sqlite3.Row
+    con = open_connection(path, key)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=FULL")
     con.execute("PRAGMA foreign_keys=ON")
@@ -34,8 +73,8 @@ class SQLiteThread:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._con: sqlite3.Connection | None = None
 
-    async def open(self, path: Path) -> sqlite3.Connection:
-        self._con = await self.run(connect, path)
+    async def open(self, path: Path, key: str | None = None) -> sqlite3.Connection:
+        self._con = await self.run(connect, path, key)
         return self._con
 
     async def close(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from dicomhub.config import HubConfig
+from dicomhub.config import HubConfig, encryption_key
 from dicomhub.errors import DicomhubError
 from dicomhub.logs import keep_phi_out
 
@@ -84,7 +84,8 @@ def create_app(config: HubConfig, store: Store | None = None) -> web.Application
                                        api.mask_middleware, auth_middleware],
                           client_max_size=1024 * 1024)
     app[CONFIG_KEY] = config
-    app[STORE_KEY] = store or SQLiteStore(config.database)
+    app[STORE_KEY] = store or SQLiteStore(
+        config.database, encryption_key(config.encryption_key_env, "hub.encryption_key_env"))
     app[LIMITER_KEY] = FailureLimiter()
     app[ALLOWED_ORIGINS_KEY] = config.allowed_origins
     app[AUDITOR_KEY] = Auditor(app[STORE_KEY])

@@ -10,6 +10,7 @@ is acknowledged.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 import aiosqlite
 
 from dicomhub.errors import StoreError
-from dicomhub.sqlitethread import SQLiteThread
+from dicomhub.sqlitethread import DB_ERRORS, INTEGRITY_ERRORS, SQLiteThread, open_connection
 from dicomhub.protocol import InstanceRecord, Record, Rejection
 
 from . import schema
@@ -104,6 +105,9 @@ def _rejection_item(row: sqlite3.Row) -> dict[str, Any]:
     return item
 
 
+_OPEN_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, OSError, StoreError)
+
+
 def migrate(con: sqlite3.Connection) -> None:
     """Bring the schema to the current version. Run it in one transaction (BEGIN
     IMMEDIATE: one migrating process at a time), so it is never left half-done."""
@@ -120,8 +124,9 @@ def migrate(con: sqlite3.Connection) -> None:
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key: str | None = None) -> None:
         self.path = Path(path)
+        self.key = key  # SQLCipher key: the file is encrypted at rest
         self._writer = SQLiteThread("store-writer")
         self._r: aiosqlite.Connection | None = None
 
@@ -130,12 +135,12 @@ class SQLiteStore(Store):
     async def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            await self._writer.open(self.path)
+            await self._writer.open(self.path, self.key)
             await self._writer.transaction(migrate)
-            self._r = await aiosqlite.connect(self.path, isolation_level=None)
-            self._r.row_factory = sqlite3.Row
+            self._r = await aiosqlite.Connection(
+                functools.partial(open_connection, self.path, self.key), iter_chunk_size=64)
             await self._r.execute("PRAGMA query_only=ON")
-        except (sqlite3.Error, OSError, StoreError) as exc:
+        except _OPEN_ERRORS as exc:
             await self.close()  # no thread or connection outlives a failed open
             if isinstance(exc, StoreError):
                 raise
@@ -328,7 +333,7 @@ class SQLiteStore(Store):
             try:
                 con.execute("INSERT INTO keys (name, role, key_hash, created) VALUES (?, ?, ?, ?)",
                             (name, role, key_hash, now))
-            except sqlite3.IntegrityError:
+            except INTEGRITY_ERRORS:
                 raise StoreError(f"a live key named {name!r} (or with that value) already "
                                  "exists; revoke it first or choose another name") from None
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from dicomhub.config import WatcherConfig
+from dicomhub.config import WatcherConfig, encryption_key
 from dicomhub.logs import keep_phi_out
 from dicomhub.protocol import (
     InstanceRecord,
@@ -60,7 +60,8 @@ class Watcher:
         keep_phi_out()
         self.config, self.key = config, key
         self.roots = [Path(r).resolve() for r in config.watch]
-        self.state = State(config.state_dir)
+        self.state = State(config.state_dir, encryption_key(
+            config.encryption_key_env, "watcher.encryption_key_env"))
         self.settler: Settler[str] = Settler(config.settle)
         self.workers = config.workers or os.cpu_count() or 1
         self._wake = asyncio.Event()

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from dicomhub.errors import DicomhubError
 from dicomhub.protocol import Record, record_to_json
-from dicomhub.sqlitethread import SQLiteThread
+from dicomhub.errors import StoreError
+from dicomhub.sqlitethread import DB_ERRORS, SQLiteThread
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
@@ -30,6 +31,9 @@ _SCHEMA = (
     " mtime_ns INTEGER NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
+
+
+_OPEN_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, StoreError)
 
 
 def _create_schema(con: sqlite3.Connection) -> None:
@@ -53,8 +57,9 @@ class Outcome:
 
 
 class State:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, key: str | None = None) -> None:
         self.folder = Path(folder)
+        self.key = key  # SQLCipher key: the outbox is encrypted at rest
         self._db = SQLiteThread("watcher-state")
         self._lock_fd: int | None = None
         self.backlog = 0
@@ -71,11 +76,11 @@ class State:
             raise StateError(f"state folder {str(self.folder)!r} cannot be used: "
                              f"{exc.strerror}") from None
         try:
-            con = await self._db.open(self.folder / "state.sqlite3")
+            con = await self._db.open(self.folder / "state.sqlite3", self.key)
             await self._db.transaction(_create_schema)
             self.backlog = await self._db.run(
                 lambda: con.execute("SELECT count(*) FROM outbox").fetchone()[0])
-        except sqlite3.Error as exc:
+        except _OPEN_ERRORS as exc:
             raise StateError(f"state database in {str(self.folder)!r} cannot be opened: "
                              f"{exc}") from None
 
@@ -131,7 +136,7 @@ class State:
 
         try:
             added = await self._db.transaction(run)
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise StateError(f"cannot write to the state folder {str(self.folder)!r}: "
                              f"{exc}") from None
         self.backlog += added
