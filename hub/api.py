@@ -216,8 +216,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.content_type == "application/json" or exc.status < 400:
             raise
-        raise json_error(type(exc), exc.reason, **{
-            k: v for k, v in exc.headers.items() if k.lower() == "allow"}) from None
+        # aiohttp's own 404/405 and friends: the same JSON shape as ours. (Not by
+        # re-raising: their constructors differ, e.g. 405 needs the allowed methods.)
+        keep = {k: v for k, v in exc.headers.items()
+                if k.lower() in ("allow", "retry-after", "www-authenticate")}
+        body = {"error": type(exc).__name__.removeprefix("HTTP").lower(),
+                "message": exc.reason}
+        return web.json_response(body, status=exc.status, headers=keep)
     except Exception:
         # The route pattern, never the path: paths can carry a Patient ID.
         log.exception("internal error handling %s %s", request.method, _route_name(request))

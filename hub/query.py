@@ -10,7 +10,7 @@ from .store import ListQuery
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-MAX_VALUE = 1024
+MAX_VALUE = 256  # DICOM values filtered on are 64 characters at most
 STATUSES = ("receiving", "stable")
 MAX_ROW_ID = 2**63 - 1  # SQLite's largest integer
 

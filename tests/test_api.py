@@ -228,3 +228,11 @@ async def test_lists_page_newest_first_on_request(hub: RunningHub, api: Api,
     assert [r["path"] for r in rest["items"]] == ["junk2.dcm", "junk1.dcm", "junk0.dcm"]
     status, body = await status_of(http, f"{hub.url}/api/rejections?order=up", api.key)
     assert status == 400 and "order" in body["message"]
+
+
+async def test_wrong_method_is_a_json_405_with_allow(hub: RunningHub, api: Api,
+                                                     http: aiohttp.ClientSession) -> None:
+    async with http.post(hub.url + "/api/series",
+                         headers={"Authorization": f"Bearer {api.key}"}) as resp:
+        assert resp.status == 405 and "GET" in resp.headers["Allow"]
+        assert (await resp.json())["error"] == "methodnotallowed"
