@@ -53,6 +53,7 @@ class WatcherConfig:
     watcher_id: str = ""
     polling: bool = False
     poll_interval: float = 2.0
+    rescan_interval: float = 300.0  # seconds between reconciliation walks; 0 = never
     workers: int = 0  # 0 = one per core
     batch_size: int = 200
     log_level: str = "info"
@@ -204,6 +205,7 @@ def _watcher(section: _Section) -> WatcherConfig:
         watcher_id=section.string("id", d.watcher_id),
         polling=section.boolean("polling", d.polling),
         poll_interval=section.number("poll_interval", d.poll_interval, 0.1, 3600.0),
+        rescan_interval=section.number("rescan_interval", d.rescan_interval, 0.0, 7 * 86400.0),
         workers=section.integer("workers", d.workers, 0, 256),
         batch_size=section.integer("batch_size", d.batch_size, 1, 1000),
         log_level=section.level("log_level"),

@@ -323,3 +323,21 @@ async def test_logs_never_hold_patient_names_or_ids(hub: RunningHub, api: Api, r
     leaks = [f"{r.name}: {r.getMessage()[:300]}" for r in caplog.records
              if any(v in r.getMessage() for v in phi)]
     assert leaks == []
+
+
+async def test_reconciliation_finds_files_the_events_missed(hub: RunningHub, api: Api,
+                                                            run_watcher) -> None:
+    running = await run_watcher(hub, rescan_interval=0.3)
+    observer = running.watcher.observer
+    observer.stop()  # as if the kernel's event queue had overflowed: no events at all
+    await asyncio.to_thread(observer.join, 5)
+    ds = factory.write(running.inbox / "quiet" / "a.dcm")
+    await wait_outcomes(api, 1)
+    assert (await api.get(f"/api/series/{ds.SeriesInstanceUID}"))["instance_count"] == 1
+    parsed, walks = running.watcher.parsed, running.watcher.rescans
+
+    async def walked_twice_more() -> bool:
+        return running.watcher.rescans >= walks + 2
+
+    await wait_for(walked_twice_more, "two more reconciliation walks")
+    assert running.watcher.parsed == parsed  # they re-read nothing already delivered

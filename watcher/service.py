@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from watchdog.observers.api import BaseObserver
+
 from dicomhub.config import WatcherConfig, encryption_key
 from dicomhub.logs import keep_phi_out
 from dicomhub.protocol import (
@@ -73,6 +75,8 @@ class Watcher:
         self.link: Link | None = None
         self.watcher_id = config.watcher_id
         self.scanned = asyncio.Event()  # set once the start-up scan has been queued
+        self.observer: BaseObserver | None = None
+        self.rescans = 0  # reconciliation walks completed
         self.parsed = 0
 
     # entry point ----------------------------------------------------------------
@@ -90,8 +94,9 @@ class Watcher:
             self.watcher_id = self.watcher_id or await self._default_id()
             self.link = Link(self.config.hub_url, self.key, self.watcher_id, self.state,
                              batch_size=self.config.batch_size, tls=self._tls())
-            observer = start_observer(self.roots, self._on_change, polling=self.config.polling,
-                                      poll_interval=self.config.poll_interval)
+            observer = self.observer = start_observer(
+                self.roots, self._on_change, polling=self.config.polling,
+                poll_interval=self.config.poll_interval)
             tasks = [asyncio.create_task(c, name=n) for n, c in (
                 ("link", self.link.run()),
                 ("settle", self._settle_loop()),
@@ -103,6 +108,8 @@ class Watcher:
             for root in self.roots:
                 await self._scan(root)
             self.scanned.set()
+            if self.config.rescan_interval > 0:
+                tasks.append(asyncio.create_task(self._rescan_loop(), name="rescan"))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()
@@ -121,6 +128,17 @@ class Watcher:
             if observer is not None:
                 await asyncio.to_thread(observer.join, 5)
             await self.state.close()
+
+    async def _rescan_loop(self) -> None:
+        """Walk the folders again now and then: kernel events can be lost (an inotify
+        queue overflow is dropped silently) and network shares send none for files
+        other machines write. Files already delivered in the same version are
+        skipped, so a rescan costs a walk and a lookup per file."""
+        while True:
+            await asyncio.sleep(self.config.rescan_interval)
+            for root in self.roots:
+                await self._scan(root)
+            self.rescans += 1
 
     def _tls(self) -> ssl.SSLContext | None:
         c = self.config
