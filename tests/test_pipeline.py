@@ -341,3 +341,39 @@ async def test_reconciliation_finds_files_the_events_missed(hub: RunningHub, api
 
     await wait_for(walked_twice_more, "two more reconciliation walks")
     assert running.watcher.parsed == parsed  # they re-read nothing already delivered
+
+
+async def test_a_file_replaced_by_another_is_read_again(hub: RunningHub, api: Api,
+                                                        run_watcher) -> None:
+    running = await run_watcher(hub)
+    first = factory.write(running.inbox / ".a.tmp")
+    os.rename(running.inbox / ".a.tmp", running.inbox / "a.dcm")
+    await wait_for(lambda: _has_instance(api, first.SeriesInstanceUID), "the first file")
+    second = factory.write(running.inbox / ".b.tmp", SeriesInstanceUID=first.SeriesInstanceUID,
+                           InstanceNumber=2)
+    os.replace(running.inbox / ".b.tmp", running.inbox / "a.dcm")  # new content, same name
+
+    async def both() -> bool:
+        series = await api.get(f"/api/series/{first.SeriesInstanceUID}")
+        return series["instance_count"] == 2
+
+    await wait_for(both, "the replacement to be indexed")
+    assert (await api.get("/api/stats"))["files"] == 1  # the path now holds the new one
+
+
+async def test_a_file_deleted_right_after_it_appears_leaves_no_trace(hub: RunningHub, api: Api,
+                                                                     run_watcher) -> None:
+    running = await run_watcher(hub, settle=0.5)
+    for n in range(20):
+        path = running.inbox / f"gone-{n}.dcm"
+        path.write_bytes(b"\0" * 10)  # still being written, as far as anyone knows
+        path.unlink()
+    keeper = factory.write(running.inbox / "kept.dcm")
+    await wait_for(lambda: _has_instance(api, keeper.SeriesInstanceUID), "the kept file")
+    stats = await api.get("/api/stats")
+    assert (stats["files"], stats["rejections"]) == (1, 0)
+
+
+async def _has_instance(api: Api, series_uid: str) -> bool:
+    return bool([s for s in (await api.get("/api/series"))["items"]
+                 if s["series_instance_uid"] == series_uid])
