@@ -351,6 +351,7 @@ async def test_a_file_replaced_by_another_is_read_again(hub: RunningHub, api: Ap
     await wait_for(lambda: _has_instance(api, first.SeriesInstanceUID), "the first file")
     second = factory.write(running.inbox / ".b.tmp", SeriesInstanceUID=first.SeriesInstanceUID,
                            InstanceNumber=2)
+    assert second.SOPInstanceUID != first.SOPInstanceUID
     os.replace(running.inbox / ".b.tmp", running.inbox / "a.dcm")  # new content, same name
 
     async def both() -> bool:
@@ -359,6 +360,9 @@ async def test_a_file_replaced_by_another_is_read_again(hub: RunningHub, api: Ap
 
     await wait_for(both, "the replacement to be indexed")
     assert (await api.get("/api/stats"))["files"] == 1  # the path now holds the new one
+    series = await api.get(f"/api/series/{first.SeriesInstanceUID}")
+    assert {i["sop_instance_uid"] for i in series["instances"]} == {
+        first.SOPInstanceUID, second.SOPInstanceUID}
 
 
 async def test_a_file_deleted_right_after_it_appears_leaves_no_trace(hub: RunningHub, api: Api,
