@@ -255,3 +255,66 @@ async def test_a_busy_port_is_a_clear_error(tmp_path: Path, services: list[Servi
     assert second.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
     assert "Traceback" not in second.stderr
+
+
+@pytest.mark.asyncio
+async def test_watcher_killed_mid_ingest_resumes_without_reparsing(
+        tmp_path: Path, services: list[Service]) -> None:
+    import sqlite3
+
+    write_config(tmp_path)
+    key = run_cli("keys", "create", "--role", "ingest", "--name", "w", cwd=tmp_path).stdout
+    read_key = run_cli("keys", "create", "--role", "read", "--name", "r", cwd=tmp_path).stdout
+    hub = await Service.start("hub", cwd=tmp_path, name="hub")
+    services.append(hub)
+    url = (await hub.read_until(r"listening on (http://\S+)")).group(1)
+    total = 1500
+    for n in range(total):
+        factory.write(tmp_path / "inbox" / f"{n % 5}" / f"{n}.dcm",
+                      SeriesInstanceUID=f"1.2.6.{n % 5}", StudyInstanceUID="1.2.6")
+    (tmp_path / "watcher.toml").write_text(textwrap.dedent(f"""\
+        [watcher]
+        hub_url = "{url.replace('http', 'ws', 1)}/ws/ingest"
+        settle = 0.3
+        workers = 1
+        batch_size = 50
+        """))
+    env = {"DICOMHUB_KEY": key.strip()}
+    first = await Service.start("watch", "--config", "watcher.toml", cwd=tmp_path, env=env,
+                                name="watcher1")
+    services.append(first)
+    async with aiohttp.ClientSession() as http:
+        api = Api(http, url, read_key.strip())
+
+        async def started() -> bool:
+            return (await api.get("/api/stats"))["instances"] >= 100
+
+        await wait_for(started, "ingest to be under way")
+        assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
+        state = sqlite3.connect(tmp_path / "data" / "watcher" / "state.sqlite3")
+        try:
+            remembered = state.execute("SELECT count(*) FROM delivered").fetchone()[0]
+        finally:
+            state.close()
+        assert 0 < remembered < total  # killed in the middle, as intended
+
+        second = await Service.start("watch", "--config", "watcher.toml", cwd=tmp_path,
+                                     env=env, name="watcher2")
+        services.append(second)
+
+        async def done() -> bool:
+            return (await api.get("/api/stats"))["instances"] >= total
+
+        await wait_for(done, "every instance indexed after the restart")
+        await wait_for(lambda: _outbox_empty(api), "the outbox to drain")
+        stats = await api.get("/api/stats")
+        assert (stats["instances"], stats["files"], stats["series"]) == (total, total, 5)
+        assert await second.stop() == 0
+    log = (tmp_path / "watcher2.log").read_text()
+    parsed = int(re.search(r"parsed (\d+) files this run", log).group(1))
+    assert parsed == total - remembered  # what the first run recorded was not read again
+
+
+async def _outbox_empty(api: Api) -> bool:
+    watchers = (await api.get("/api/watchers"))["items"]
+    return bool(watchers) and watchers[0]["backlog"] == 0

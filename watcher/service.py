@@ -85,9 +85,11 @@ class Watcher:
         for root in self.roots:
             root.mkdir(parents=True, exist_ok=True)
         await self.state.open()
-        # forkserver, not fork: this process already runs threads (watchdog, SQLite).
+        # spawn, not fork: this process already runs threads (watchdog, SQLite). Not
+        # forkserver either: its server outlives a watcher killed with SIGKILL, while
+        # spawned workers are our children and die with us (PR_SET_PDEATHSIG).
         pool = ProcessPoolExecutor(self.workers, initializer=reader.init_worker,
-                                   mp_context=multiprocessing.get_context("forkserver"))
+                                   mp_context=multiprocessing.get_context("spawn"))
         observer = None
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -127,6 +129,8 @@ class Watcher:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
             if observer is not None:
                 await asyncio.to_thread(observer.join, 5)
+            log.info("stopping: parsed %d files this run; %d records wait for the hub",
+                     self.parsed, self.state.backlog)
             await self.state.close()
 
     async def _rescan_loop(self) -> None:
