@@ -15,6 +15,8 @@ import time
 
 from aiohttp import web
 
+from dicomhub.aio import stop_task
+
 from .store import AuditEntry, Store
 
 log = logging.getLogger("dicomhub.hub")
@@ -40,10 +42,7 @@ class Auditor:
         self._task = asyncio.create_task(self._run(), name="audit")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         await self.flush()
 
     def record(self, request: web.BaseRequest, actor: str, role: str, action: str,

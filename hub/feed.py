@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from dicomhub.aio import stop_task
+
 from .mask import mask
 from .store import Change, Store, iso
 
@@ -74,10 +76,7 @@ class Feed:
         self._stats_task = asyncio.create_task(self._stats_loop(), name="feed-stats")
 
     async def stop(self) -> None:
-        if self._stats_task is not None:
-            self._stats_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stats_task
+        await stop_task(self._stats_task)
 
     def publish(self, changes: Sequence[Change]) -> None:
         """Called after each commit, in seq order; never blocks."""

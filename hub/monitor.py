@@ -13,6 +13,8 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from dicomhub.aio import stop_task
+
 from .stability import StabilityTracker
 from .store import Change, Store
 
@@ -34,11 +36,8 @@ class SeriesMonitor:
         self._task = asyncio.create_task(self._run(), name="series-monitor")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     def touch(self, touched: Mapping[str, float]) -> None:
         for uid, last_seen in touched.items():
