@@ -91,6 +91,18 @@ async def services() -> AsyncIterator[list[Service]]:
             await asyncio.wait_for(service.proc.wait(), TIMEOUT)
 
 
+async def hub_with_keys(tmp_path: Path, services: list[Service],
+                        name: str) -> tuple[Service, str, str, str]:
+    """A hub process on a fresh config: (service, base URL, ingest key, read key)."""
+    write_config(tmp_path)
+    ingest = run_cli("keys", "create", "--role", "ingest", "--name", "w", cwd=tmp_path)
+    read = run_cli("keys", "create", "--role", "read", "--name", "r", cwd=tmp_path)
+    hub = await Service.start("hub", cwd=tmp_path, name=name)
+    services.append(hub)
+    url = (await hub.read_until(r"listening on (http://\S+)")).group(1)
+    return hub, url, ingest.stdout.strip(), read.stdout.strip()
+
+
 def test_keys_create_list_revoke(tmp_path: Path) -> None:
     write_config(tmp_path)
     created = run_cli("keys", "create", "--role", "read", "--name", "alice", cwd=tmp_path)
@@ -182,12 +194,7 @@ async def test_up_prints_the_read_key_once_and_indexes_the_inbox(
 @pytest.mark.asyncio
 async def test_hub_killed_mid_ingest_loses_and_doubles_nothing(
         tmp_path: Path, services: list[Service]) -> None:
-    write_config(tmp_path)
-    key = run_cli("keys", "create", "--role", "ingest", "--name", "w", cwd=tmp_path).stdout
-    read_key = run_cli("keys", "create", "--role", "read", "--name", "r", cwd=tmp_path).stdout
-    hub = await Service.start("hub", cwd=tmp_path, name="hub1")
-    services.append(hub)
-    url = (await hub.read_until(r"listening on (http://\S+)")).group(1)
+    hub, url, key, read_key = await hub_with_keys(tmp_path, services, "hub1")
     port = url.rsplit(":", 1)[1]
     total, series_count = 2000, 8
     for n in range(total):
@@ -262,12 +269,7 @@ async def test_watcher_killed_mid_ingest_resumes_without_reparsing(
         tmp_path: Path, services: list[Service]) -> None:
     import sqlite3
 
-    write_config(tmp_path)
-    key = run_cli("keys", "create", "--role", "ingest", "--name", "w", cwd=tmp_path).stdout
-    read_key = run_cli("keys", "create", "--role", "read", "--name", "r", cwd=tmp_path).stdout
-    hub = await Service.start("hub", cwd=tmp_path, name="hub")
-    services.append(hub)
-    url = (await hub.read_until(r"listening on (http://\S+)")).group(1)
+    _, url, key, read_key = await hub_with_keys(tmp_path, services, "hub")
     total = 1500
     for n in range(total):
         factory.write(tmp_path / "inbox" / f"{n % 5}" / f"{n}.dcm",
