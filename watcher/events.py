@@ -15,6 +15,7 @@ from pathlib import Path
 
 from watchdog.events import (
     DirCreatedEvent,
+    FileAttribEvent,
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -47,7 +48,9 @@ def translate(event: FileSystemEvent) -> list[Change]:
         return [Change("dir", os.fsdecode(event.dest_path))]
     if isinstance(event, FileClosedEvent):
         return [Change("closed", src)]
-    if isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+    if isinstance(event, (FileCreatedEvent, FileModifiedEvent, FileAttribEvent)):
+        # Attributes too: a file made readable (chmod) after it was rejected as
+        # unreadable must be read again; for one already delivered it costs a lookup.
         return [Change("file", src)]
     if isinstance(event, FileDeletedEvent):
         return [Change("gone", src)]
