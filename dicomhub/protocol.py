@@ -8,6 +8,7 @@ Every message is a JSON object with a ``type``:
 watcher → hub
     ``hello``   {protocol, watcher_id, software, backlog}
     ``batch``   {batch_id, records: [InstanceRecord | Rejection], backlog}
+    ``status``  {backlog}  (the backlog changed with no batch to carry it)
 hub → watcher
     ``welcome`` {protocol, hub}
     ``ack``     {batch_id, stored, duplicates, rejected}
@@ -236,6 +237,12 @@ class Batch:
 
 
 @dataclass(frozen=True, slots=True)
+class Status:
+    type: ClassVar[str] = "status"
+    backlog: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Welcome:
     type: ClassVar[str] = "welcome"
     protocol: int = PROTOCOL_VERSION
@@ -259,7 +266,7 @@ class Error:
     fatal: bool = False
 
 
-Message = Union[Hello, Batch, Welcome, Ack, Error]
+Message = Union[Hello, Batch, Status, Welcome, Ack, Error]
 
 WATCHER_ID_LIMIT = 128
 
@@ -284,6 +291,10 @@ def _parse_batch(obj: dict[str, Any]) -> Batch:
     parsed = tuple(parse_record(r, f"records[{i}].") for i, r in enumerate(records))
     return Batch(batch_id=batch_id or 0, records=parsed,
                  backlog=_int(obj, "backlog", "", minimum=0) or 0)
+
+
+def _parse_status(obj: dict[str, Any]) -> Status:
+    return Status(backlog=_int(obj, "backlog", "", optional=False, minimum=0) or 0)
 
 
 def _parse_welcome(obj: dict[str, Any]) -> Welcome:
@@ -311,6 +322,7 @@ def _parse_error(obj: dict[str, Any]) -> Error:
 _PARSERS: dict[str, Callable[[dict[str, Any]], Message]] = {
     "hello": _parse_hello,
     "batch": _parse_batch,
+    "status": _parse_status,
     "welcome": _parse_welcome,
     "ack": _parse_ack,
     "error": _parse_error,

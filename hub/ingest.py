@@ -25,6 +25,7 @@ from dicomhub.protocol import (
     Hello,
     Message,
     ProtocolError,
+    Status,
     Welcome,
     encode_message,
     parse_message,
@@ -161,6 +162,9 @@ async def _serve(ws: web.WebSocketResponse, app: web.Application, watcher_id: st
         except ProtocolError as exc:
             if await refuse(Error(message=str(exc), batch_id=_batch_id(msg.data))):
                 return
+            continue
+        if isinstance(message, Status):
+            await store.watcher_backlog(watcher_id, message.backlog, time.time())
             continue
         if not isinstance(message, Batch):
             if await refuse(Error(message=f"unexpected {message.type!r} message")):

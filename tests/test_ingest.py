@@ -144,11 +144,17 @@ async def test_watcher_appears_connected_then_disconnected(hub: RunningHub, api:
         watcher = (await api.get("/api/watchers"))["items"][0]
         assert watcher["connected"] and watcher["key_name"] == "site-a"
         assert watcher["backlog"] == 42 and watcher["instances"] == 1
+        await ws.send(json.dumps({"type": "status", "backlog": 7}))  # no reply expected
+
+        async def updated() -> bool:
+            return bool((await api.get("/api/watchers"))["items"][0]["backlog"] == 7)
+
+        from conftest import wait_for
+        await wait_for(updated, "the status to update the backlog")
 
     async def disconnected() -> bool:
         return not (await api.get("/api/watchers"))["items"][0]["connected"]
 
-    from conftest import wait_for
     await wait_for(disconnected, "the hub to notice the watcher left")
     kinds = [c["kind"] for c in (await api.get("/api/changes"))["changes"]]
     assert kinds[0] == "watcher.connected" and kinds[-1] == "watcher.disconnected"

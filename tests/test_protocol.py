@@ -26,6 +26,7 @@ from dicomhub.protocol import (
     InstanceRecord,
     ProtocolError,
     Rejection,
+    Status,
     Welcome,
     encode_message,
     parse_message,
@@ -119,6 +120,15 @@ def test_optional_fields_take_their_defaults() -> None:
     assert parse_message('{"type":"welcome","protocol":1}') == Welcome(protocol=1, hub="")
 
 
+def test_status_carries_only_a_backlog() -> None:
+    assert parse_message('{"type":"status","backlog":7}') == Status(backlog=7)
+    assert parse_message(encode_message(Status(backlog=0))) == Status(backlog=0)
+    for bad in ('{"type":"status"}', '{"type":"status","backlog":-1}',
+                '{"type":"status","backlog":"7"}'):
+        with pytest.raises(ProtocolError, match="backlog"):
+            parse_message(bad)
+
+
 def test_null_text_fields_read_as_empty_and_int_mtime_as_float() -> None:
     rec = parse_record(valid_instance_json(patient_name=None, modality=None, mtime=5))
     assert isinstance(rec, InstanceRecord)
@@ -153,7 +163,7 @@ def test_message_must_be_an_object(text: str) -> None:
 @pytest.mark.parametrize("kind", ['"goodbye"', '""', "null", "1", '["hello"]'])
 def test_unknown_or_missing_type(kind: str) -> None:
     message = parse_error('{"type": %s, "watcher_id": "w", "protocol": 1}' % kind)
-    assert message.startswith("type: expected one of hello, batch, welcome, ack, error")
+    assert message.startswith("type: expected one of hello, batch, status, welcome, ack, error")
     assert parse_error('{"watcher_id": "w"}').startswith("type: ")
 
 
