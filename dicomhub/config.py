@@ -54,6 +54,7 @@ class WatcherConfig:
     polling: bool = False
     poll_interval: float = 2.0
     rescan_interval: float = 300.0  # seconds between reconciliation walks; 0 = never
+    reconnect_max: float = 30.0  # longest wait between attempts to reach the hub
     workers: int = 0  # 0 = one per core
     batch_size: int = 200
     log_level: str = "info"
@@ -206,6 +207,7 @@ def _watcher(section: _Section) -> WatcherConfig:
         polling=section.boolean("polling", d.polling),
         poll_interval=section.number("poll_interval", d.poll_interval, 0.1, 3600.0),
         rescan_interval=section.number("rescan_interval", d.rescan_interval, 0.0, 7 * 86400.0),
+        reconnect_max=section.number("reconnect_max", d.reconnect_max, 0.5, 3600.0),
         workers=section.integer("workers", d.workers, 0, 256),
         batch_size=section.integer("batch_size", d.batch_size, 1, 1000),
         log_level=section.level("log_level"),

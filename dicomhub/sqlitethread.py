@@ -9,6 +9,7 @@ never blocks on the disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -104,5 +105,9 @@ class SQLiteThread:
             con.execute("COMMIT")
             return result
         except BaseException:
-            con.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk, an I/O error); the
+            # caller must see the original error, not "no transaction is active".
+            if con.in_transaction:
+                with contextlib.suppress(*DB_ERRORS):
+                    con.execute("ROLLBACK")
             raise

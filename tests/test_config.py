@@ -236,6 +236,7 @@ def test_config_error_is_a_dicomhub_error() -> None:
     ("[watcher]\nsettle = true", "watcher.settle", "True", "not a number"),
     ("[watcher]\nsettle = 3601", "watcher.settle", "3601", "must be between 0.0 and 3600.0"),
     ("[watcher]\npoll_interval = 0.01", "watcher.poll_interval", "0.01", "must be between"),
+    ("[watcher]\nreconnect_max = 0", "watcher.reconnect_max", "0", "must be between"),
     ('[watcher]\npolling = "yes"', "watcher.polling", "'yes'", "not true or false"),
     ("[watcher]\npolling = 1", "watcher.polling", "1", "not true or false"),
     ("[watcher]\nworkers = 257", "watcher.workers", "257", "must be between 0 and 256"),
@@ -293,6 +294,7 @@ key_file = "k"
 id = "ward-7"
 polling = true
 poll_interval = 0.5
+reconnect_max = 5
 workers = 4
 batch_size = 1000
 log_level = "Warning"
@@ -305,7 +307,7 @@ log_level = "Warning"
         watcher=WatcherConfig(hub_url="wss://hub.example:443/ws/ingest", watch=(base / "in",),
                               state_dir=base / "st", settle=0.0, key_file=base / "k",
                               watcher_id="ward-7", polling=True, poll_interval=0.5,
-                              workers=4, batch_size=1000, log_level="warning"),
+                              reconnect_max=5.0, workers=4, batch_size=1000, log_level="warning"),
         source=path.resolve(),
     )
     assert isinstance(cfg.hub.stable_after, float) and isinstance(cfg.watcher.settle, float)

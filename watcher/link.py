@@ -27,13 +27,14 @@ from dicomhub.protocol import (
     Error,
     Hello,
     ProtocolError,
+    Status,
     Welcome,
     encode_message,
     parse_message,
 )
 
 from .backoff import backoff
-from .state import State
+from .state import State, StateError
 
 log = logging.getLogger("dicomhub.watcher")
 
@@ -69,6 +70,11 @@ class Link:
         self._wake = asyncio.Event()
         self.connected = asyncio.Event()
         self.delivered = 0  # records acknowledged since start
+        # Acknowledged outbox ranges the state folder refused to delete (a full disk):
+        # retried until they go, so the outbox and the backlog shrink again.
+        self._unremoved: list[tuple[int, int]] = []
+        self._refused = asyncio.Event()
+        self._reported = -1  # the backlog the hub last heard of
 
     def wake(self) -> None:
         """New records are in the outbox."""
@@ -99,6 +105,8 @@ class Link:
             except ssl.SSLCertVerificationError as exc:
                 log.error("the hub's TLS certificate is not trusted (%s): refusing to "
                           "connect; check [watcher] ca_file", exc.verify_message)
+            except StateError as exc:
+                log.error("%s; retrying", exc)
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError, LinkError) as exc:
                 log.warning("hub connection lost or refused: %s", _describe(exc))
             finally:
@@ -119,8 +127,10 @@ class Link:
         log.info("connected to %s (%s); %d records waiting", self.url, reply.hub,
                  self.state.backlog)
         self.connected.set()
+        self._reported = self.state.backlog
         in_flight: collections.deque[tuple[int, int, int]] = collections.deque()
         sender = asyncio.create_task(self._send_loop(ws, in_flight), name="link-sender")
+        remover = asyncio.create_task(self._remove_later(), name="link-remover")
         try:
             async for frame in ws:
                 message = _parse(frame)
@@ -136,17 +146,45 @@ class Link:
             if sender.done():
                 sender.result()  # surface a failed sender rather than hiding it
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                await sender
+            for task in (sender, remover):
+                task.cancel()
+            for task in (sender, remover):
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await task
 
     async def _acknowledged(self, ack: Ack,
                             in_flight: collections.deque[tuple[int, int, int]]) -> None:
         if not in_flight or in_flight[0][1] != ack.batch_id:
             raise LinkError(f"acknowledgement for unknown batch {ack.batch_id}")
-        first, last, _ = in_flight.popleft()
-        self.delivered += await self.state.acknowledge(first, last)
+        first, last, count = in_flight.popleft()
+        try:
+            self.delivered += await self.state.acknowledge(first, last)
+        except StateError as exc:
+            # The records stay in the outbox until a retry removes them; if the watcher
+            # stops first they go again, and the hub, idempotent, only counts them once.
+            log.warning("%s; %d acknowledged records stay in the outbox for now",
+                        exc, count)
+            self._unremoved.append((first, last))
+            self._refused.set()
         self._wake.set()
+
+    async def _remove_later(self) -> None:
+        """Retry deleting acknowledged records the state folder refused to delete."""
+        delays = backoff(initial=1.0, cap=5.0)
+        while True:
+            if not self._unremoved:
+                self._refused.clear()
+                await self._refused.wait()
+            await asyncio.sleep(next(delays))
+            while self._unremoved:
+                first, last = self._unremoved[0]
+                try:
+                    self.delivered += await self.state.acknowledge(first, last)
+                except StateError:
+                    break
+                self._unremoved.pop(0)
+                delays = backoff(initial=1.0, cap=5.0)
+                self._wake.set()
 
     async def _send_loop(self, ws: ClientConnection,
                          in_flight: collections.deque[tuple[int, int, int]]) -> None:
@@ -165,8 +203,14 @@ class Link:
                              f'"backlog":{backlog},"records":['
                              + ",".join(text for _, text in rows) + "]}")
                     in_flight.append((first, last_sent, len(rows)))
+                    self._reported = backlog
                     await ws.send(frame)
                     continue
+                if not in_flight and self.state.backlog != self._reported:
+                    # Nothing left to send, but the hub's figure is stale (records
+                    # removed late, or records only this watcher still holds).
+                    self._reported = self.state.backlog
+                    await ws.send(encode_message(Status(backlog=self._reported)))
             await self._wake.wait()
 
 

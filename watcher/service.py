@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -39,6 +40,7 @@ from dicomhub.protocol import (
 )
 
 from . import reader
+from .backoff import backoff
 from .events import Change, start_observer
 from .link import Link, client_ssl
 from .settle import Settler
@@ -48,6 +50,12 @@ log = logging.getLogger("dicomhub.watcher")
 
 SCAN_CHUNK = 500
 PARSE_CHUNK = 32
+# Paths held in memory (settling or queued) before a walk waits for the parsers,
+# and parse results before the parsers wait for the outbox: a folder of a million
+# files streams through instead of being held at once.
+PENDING_LIMIT = 5000
+RESULTS_LIMIT = 2000
+STATE_RETRY_MAX = 5.0  # seconds between attempts to write to a full or read-only state
 _TEMP_SUFFIXES = (".tmp", ".part", "~")
 
 
@@ -71,6 +79,9 @@ class Watcher:
         self._queued: set[str] = set()
         self._results: list[Outcome] = []
         self._results_ready = asyncio.Event()
+        self._room = asyncio.Event()  # set when the parsers took paths from the queue
+        self._stored = asyncio.Event()  # set when results reached the outbox
+        self._state_failing = False  # the last write to the state folder failed
         self._scans: set[asyncio.Task[None]] = set()
         self.link: Link | None = None
         self.watcher_id = config.watcher_id
@@ -95,7 +106,8 @@ class Watcher:
         try:
             self.watcher_id = self.watcher_id or await self._default_id()
             self.link = Link(self.config.hub_url, self.key, self.watcher_id, self.state,
-                             batch_size=self.config.batch_size, tls=self._tls())
+                             batch_size=self.config.batch_size, tls=self._tls(),
+                             delays=functools.partial(backoff, cap=self.config.reconnect_max))
             observer = self.observer = start_observer(
                 self.roots, self._on_change, polling=self.config.polling,
                 poll_interval=self.config.poll_interval)
@@ -206,6 +218,9 @@ class Watcher:
         """Walk a folder (in a thread), skipping files delivered in this same version."""
         walker = _walk(top)
         while True:
+            while len(self.settler) + self._queue.qsize() >= PENDING_LIMIT:
+                self._room.clear()
+                await self._room.wait()
             chunk = await asyncio.to_thread(next, walker, None)
             if chunk is None:
                 return
@@ -242,9 +257,13 @@ class Watcher:
         takes a single file at once."""
         loop = asyncio.get_running_loop()
         while True:
+            while len(self._results) >= RESULTS_LIMIT or self._state_failing:
+                self._stored.clear()
+                await self._stored.wait()
             chunk = [await self._queue.get()]
             while len(chunk) < PARSE_CHUNK and not self._queue.empty():
                 chunk.append(self._queue.get_nowait())
+            self._room.set()
             try:
                 await self._parse(loop, pool, chunk)
             finally:
@@ -282,14 +301,35 @@ class Watcher:
         self._results_ready.set()
 
     async def _commit_loop(self) -> None:
+        """Move parse results into the outbox. When the state folder refuses writes
+        (disk full, read-only), keep the results, let the parsers wait, and retry:
+        the outbox already stored stays intact and keeps draining to the hub."""
         assert self.link is not None
+        retries = None
         while True:
             await self._results_ready.wait()
             self._results_ready.clear()
-            batch, self._results = self._results, []
-            if batch:
+            batch = list(self._results)
+            if not batch:
+                continue
+            try:
                 await self.state.put(batch)
-                self.link.wake()
+            except StateError as exc:
+                if retries is None:
+                    self._state_failing = True
+                    retries = backoff(initial=1.0, cap=STATE_RETRY_MAX)
+                    log.error("%s; reading new files is paused and the write is retried "
+                              "until it succeeds; the outbox already stored is kept and "
+                              "still sent", exc)
+                await asyncio.sleep(next(retries))
+                self._results_ready.set()
+                continue
+            if retries is not None:
+                retries, self._state_failing = None, False
+                log.warning("the state folder takes writes again; reading new files resumes")
+            del self._results[:len(batch)]
+            self._stored.set()
+            self.link.wake()
 
 
 def _checked(record: InstanceRecord | Rejection) -> InstanceRecord | Rejection:

@@ -11,6 +11,7 @@ Paths are stored as bytes: file names need not be valid UTF-8.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -138,15 +139,19 @@ class State:
             added = await self._db.transaction(run)
         except DB_ERRORS as exc:
             raise StateError(f"cannot write to the state folder {str(self.folder)!r}: "
-                             f"{exc}") from None
+                             f"{exc}{_diagnosis(self.folder)}") from None
         self.backlog += added
         return added
 
     async def pending(self, after_id: int, limit: int) -> list[tuple[int, str]]:
         """Outbox rows after `after_id`, oldest first, as (id, record JSON)."""
-        return await self._db.run(lambda: self._db.con.execute(
-            "SELECT id, record FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit)).fetchall())
+        try:
+            return await self._db.run(lambda: self._db.con.execute(
+                "SELECT id, record FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit)).fetchall())
+        except DB_ERRORS as exc:
+            raise StateError(f"cannot read the outbox in {str(self.folder)!r}: "
+                             f"{exc}{_diagnosis(self.folder)}") from None
 
     async def acknowledge(self, first_id: int, last_id: int) -> int:
         """Drop acknowledged records; return how many left the outbox."""
@@ -154,6 +159,27 @@ class State:
             return con.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?",
                                (first_id, last_id)).rowcount
 
-        removed = await self._db.transaction(run)
+        try:
+            removed = await self._db.transaction(run)
+        except DB_ERRORS as exc:
+            raise StateError(f"cannot write to the state folder {str(self.folder)!r}: "
+                             f"{exc}{_diagnosis(self.folder)}") from None
         self.backlog -= removed
         return removed
+
+
+def _diagnosis(folder: Path) -> str:
+    """What SQLite's "disk I/O error" means, found by trying a small write ourselves:
+    its message hides the operating system's reason (read-only, full, gone)."""
+    probe = folder / ".write-probe"
+    try:
+        with probe.open("wb") as fh:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return f" ({exc.strerror or exc})"
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return ""
