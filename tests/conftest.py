@@ -183,6 +183,16 @@ def _ready(watcher: Any, task: asyncio.Task[None]) -> Callable[[], Awaitable[boo
     return check
 
 
+@pytest.fixture
+async def services() -> AsyncIterator[list[Any]]:
+    started: list[Any] = []
+    yield started
+    for service in started:
+        if service.proc.returncode is None:
+            service.proc.kill()
+            await asyncio.wait_for(service.proc.wait(), TIMEOUT)
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
     """Fail a test that leaves threads running (watchdog observers, store threads)."""

@@ -2,105 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import re
 import signal
-import subprocess
-import sys
-import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 import factory
-from conftest import TIMEOUT, Api, wait_for
-
-KEY_RE = re.compile(r"dhk_[A-Za-z0-9_-]{43}")
-CLI = [sys.executable, "-m", "dicomhub"]
-
-
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
-            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DICOMHUB_")}
-    environ.update(env or {})
-    return subprocess.run([*CLI, *args], cwd=cwd, env=environ, capture_output=True,
-                          text=True, timeout=TIMEOUT, input=stdin)
-
-
-def write_config(folder: Path, hub: str = "", watcher: str = "") -> Path:
-    path = folder / "config.toml"
-    path.write_text(textwrap.dedent(f"""\
-        [hub]
-        port = 0
-        stable_after = 1.0
-        {hub}
-        [watcher]
-        settle = 0.3
-        workers = 1
-        {watcher}
-        """))
-    return path
-
-
-class Service:
-    """A dicomhub process whose stdout we read line by line."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
-        self.proc, self.log, self.lines = proc, log, []
-
-    @classmethod
-    async def start(cls, *args: str, cwd: Path, env: dict[str, str] | None = None,
-                    name: str = "service") -> Service:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("DICOMHUB_")}
-        environ.update(env or {})
-        log = cwd / f"{name}.log"
-        with log.open("ab") as stderr:  # the child keeps its own descriptor
-            proc = await asyncio.create_subprocess_exec(
-                *CLI, *args, cwd=cwd, env=environ, stdout=asyncio.subprocess.PIPE,
-                stderr=stderr)
-        return cls(proc, log)
-
-    async def read_until(self, pattern: str) -> re.Match[str]:
-        assert self.proc.stdout is not None
-        while True:
-            for line in self.lines:
-                if match := re.search(pattern, line):
-                    return match
-            raw = await asyncio.wait_for(self.proc.stdout.readline(), TIMEOUT)
-            if not raw:
-                raise AssertionError(f"process ended before printing {pattern!r}; "
-                                     f"log:\n{self.log.read_text()[-3000:]}")
-            self.lines.append(raw.decode())
-
-    async def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        return await asyncio.wait_for(self.proc.wait(), TIMEOUT)
-
-
-@pytest.fixture
-async def services() -> AsyncIterator[list[Service]]:
-    started: list[Service] = []
-    yield started
-    for service in started:
-        if service.proc.returncode is None:
-            service.proc.kill()
-            await asyncio.wait_for(service.proc.wait(), TIMEOUT)
-
-
-async def hub_with_keys(tmp_path: Path, services: list[Service],
-                        name: str) -> tuple[Service, str, str, str]:
-    """A hub process on a fresh config: (service, base URL, ingest key, read key)."""
-    write_config(tmp_path)
-    ingest = run_cli("keys", "create", "--role", "ingest", "--name", "w", cwd=tmp_path)
-    read = run_cli("keys", "create", "--role", "read", "--name", "r", cwd=tmp_path)
-    hub = await Service.start("hub", cwd=tmp_path, name=name)
-    services.append(hub)
-    url = (await hub.read_until(r"listening on (http://\S+)")).group(1)
-    return hub, url, ingest.stdout.strip(), read.stdout.strip()
+from conftest import Api, wait_for
+from procs import KEY_RE, Service, run_cli, write_config
 
 
 def test_keys_create_list_revoke(tmp_path: Path) -> None:
@@ -192,66 +102,6 @@ async def test_up_prints_the_read_key_once_and_indexes_the_inbox(
 
 
 @pytest.mark.asyncio
-async def test_hub_killed_mid_ingest_loses_and_doubles_nothing(
-        tmp_path: Path, services: list[Service]) -> None:
-    hub, url, key, read_key = await hub_with_keys(tmp_path, services, "hub1")
-    port = url.rsplit(":", 1)[1]
-    total, series_count = 2000, 8
-    for n in range(total):
-        factory.write(tmp_path / "inbox" / f"{n % series_count}" / f"{n}.dcm",
-                      SeriesInstanceUID=f"1.2.5.{n % series_count}", StudyInstanceUID="1.2.5",
-                      InstanceNumber=n)
-    (tmp_path / "watcher.toml").write_text(textwrap.dedent(f"""\
-        [watcher]
-        hub_url = "ws://127.0.0.1:{port}/ws/ingest"
-        settle = 0.3
-        batch_size = 50
-        """))
-    watcher = await Service.start("watch", "--config", "watcher.toml", cwd=tmp_path,
-                                  env={"DICOMHUB_KEY": key.strip()}, name="watcher")
-    services.append(watcher)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, url, read_key.strip())
-
-        async def started() -> bool:
-            return (await api.get("/api/stats"))["instances"] >= 200
-
-        await wait_for(started, "ingest to be under way")
-        assert await hub.stop(signal.SIGKILL) == -signal.SIGKILL
-        (tmp_path / "restart.toml").write_text(
-            (tmp_path / "config.toml").read_text().replace("port = 0", f"port = {port}"))
-        hub = await Service.start("hub", "--config", "restart.toml", cwd=tmp_path, name="hub2")
-        services.append(hub)
-        await hub.read_until(r"listening on")
-
-        async def done() -> bool:
-            stats = await api.get("/api/stats")
-            return stats["instances"] >= total and stats["series_receiving"] == 0
-
-        await wait_for(done, "every instance indexed and every series stable")
-        stats = await api.get("/api/stats")
-        assert (stats["instances"], stats["files"], stats["series"]) == (total, total,
-                                                                         series_count)
-        counts = [s["instance_count"] for s in await api.all("/api/series")]
-        assert counts == [total // series_count] * series_count
-        changes, since = [], 0
-        while True:
-            page = await api.get("/api/changes", since=since, limit=1000)
-            changes += page["changes"]
-            since = page["last"]
-            if page["done"]:
-                break
-        assert [c["seq"] for c in changes] == sorted({c["seq"] for c in changes})
-        # Each series ends stable (a restart may legitimately reopen one that went
-        # stable while the watcher's backlog was still arriving).
-        last_kind = {c["series_instance_uid"]: c["kind"] for c in changes
-                     if c["kind"].startswith("series.")}
-        assert list(last_kind.values()) == ["series.stable"] * series_count
-    assert await watcher.stop() == 0
-    assert await hub.stop() == 0
-
-
-@pytest.mark.asyncio
 async def test_a_busy_port_is_a_clear_error(tmp_path: Path, services: list[Service]) -> None:
     write_config(tmp_path)
     first = await Service.start("hub", cwd=tmp_path, name="first")
@@ -262,61 +112,3 @@ async def test_a_busy_port_is_a_clear_error(tmp_path: Path, services: list[Servi
     assert second.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
     assert "Traceback" not in second.stderr
-
-
-@pytest.mark.asyncio
-async def test_watcher_killed_mid_ingest_resumes_without_reparsing(
-        tmp_path: Path, services: list[Service]) -> None:
-    import sqlite3
-
-    _, url, key, read_key = await hub_with_keys(tmp_path, services, "hub")
-    total = 1500
-    for n in range(total):
-        factory.write(tmp_path / "inbox" / f"{n % 5}" / f"{n}.dcm",
-                      SeriesInstanceUID=f"1.2.6.{n % 5}", StudyInstanceUID="1.2.6")
-    (tmp_path / "watcher.toml").write_text(textwrap.dedent(f"""\
-        [watcher]
-        hub_url = "{url.replace('http', 'ws', 1)}/ws/ingest"
-        settle = 0.3
-        workers = 1
-        batch_size = 50
-        """))
-    env = {"DICOMHUB_KEY": key.strip()}
-    first = await Service.start("watch", "--config", "watcher.toml", cwd=tmp_path, env=env,
-                                name="watcher1")
-    services.append(first)
-    async with aiohttp.ClientSession() as http:
-        api = Api(http, url, read_key.strip())
-
-        async def started() -> bool:
-            return (await api.get("/api/stats"))["instances"] >= 100
-
-        await wait_for(started, "ingest to be under way")
-        assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
-        state = sqlite3.connect(tmp_path / "data" / "watcher" / "state.sqlite3")
-        try:
-            remembered = state.execute("SELECT count(*) FROM delivered").fetchone()[0]
-        finally:
-            state.close()
-        assert 0 < remembered < total  # killed in the middle, as intended
-
-        second = await Service.start("watch", "--config", "watcher.toml", cwd=tmp_path,
-                                     env=env, name="watcher2")
-        services.append(second)
-
-        async def done() -> bool:
-            return (await api.get("/api/stats"))["instances"] >= total
-
-        await wait_for(done, "every instance indexed after the restart")
-        await wait_for(lambda: _outbox_empty(api), "the outbox to drain")
-        stats = await api.get("/api/stats")
-        assert (stats["instances"], stats["files"], stats["series"]) == (total, total, 5)
-        assert await second.stop() == 0
-    log = (tmp_path / "watcher2.log").read_text()
-    parsed = int(re.search(r"parsed (\d+) files this run", log).group(1))
-    assert parsed == total - remembered  # what the first run recorded was not read again
-
-
-async def _outbox_empty(api: Api) -> bool:
-    watchers = (await api.get("/api/watchers"))["items"]
-    return bool(watchers) and watchers[0]["backlog"] == 0

@@ -7,11 +7,14 @@ tests runs over the real sample folder described by its MANIFEST.tsv.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
 import random
 import re
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomhub.protocol import InstanceRecord, Rejection, parse_record, record_to_json
+from conftest import REPO, TIMEOUT
 from factory import CT_IMAGE_STORAGE, dataset, write
+from procs import without_root_file_access
 from watcher.reader import DICOMDIR_SOP_CLASS, read_file
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -457,16 +462,20 @@ def test_a_symlink_loop_is_unreadable(tmp_path: Path) -> None:
     assert record.size == 0 and record.mtime == os.lstat(loop).st_mtime  # the link's time
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root reads files whatever their permissions")
 def test_permission_denied_is_unreadable(tmp_path: Path) -> None:
     path = tmp_path / "secret.dcm"
     write(path)
     path.chmod(0)
-    try:
-        record = rejection(path, tmp_path, "unreadable")
-    finally:
-        path.chmod(0o644)
+    # In a child without the capabilities that let root read any file.
+    code = ("import json, sys; from pathlib import Path; from watcher.reader import read_file;"
+            " from dicomhub.protocol import record_to_json;"
+            " print(json.dumps(record_to_json(read_file(Path(sys.argv[1]), Path(sys.argv[2])))))")
+    child = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path)],
+                           capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT,
+                           preexec_fn=without_root_file_access)
+    assert child.returncode == 0, child.stderr
+    record = parse_record(json.loads(child.stdout))
+    assert isinstance(record, Rejection) and record.reason == "unreadable"
     assert record.detail == "cannot read the file: permission denied"
     assert record.size == path.stat().st_size
 

@@ -1,0 +1,145 @@
+"""Real dicomhub processes for the tests: the CLI run as a user runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from conftest import TIMEOUT, Api, wait_for
+
+PR_CAPBSET_DROP = 24
+KEY_RE = re.compile(r"dhk_[A-Za-z0-9_-]{43}")
+CLI = [sys.executable, "-m", "dicomhub"]
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
+            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DICOMHUB_")}
+    environ.update(env or {})
+    return subprocess.run([*CLI, *args], cwd=cwd, env=environ, capture_output=True,
+                          text=True, timeout=TIMEOUT, input=stdin)
+
+
+def write_config(folder: Path, hub: str = "", watcher: str = "") -> Path:
+    path = folder / "config.toml"
+    path.write_text(textwrap.dedent(f"""\
+        [hub]
+        port = 0
+        stable_after = 1.0
+        {hub}
+        [watcher]
+        settle = 0.3
+        workers = 1
+        {watcher}
+        """))
+    return path
+
+
+class Service:
+    """A dicomhub process whose stdout we read line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
+        self.proc, self.log, self.lines = proc, log, []
+
+    @classmethod
+    async def start(cls, *args: str, cwd: Path, env: dict[str, str] | None = None,
+                    name: str = "service",
+                    preexec_fn: Callable[[], None] | None = None) -> Service:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("DICOMHUB_")}
+        environ.update(env or {})
+        log = cwd / f"{name}.log"
+        with log.open("ab") as stderr:  # the child keeps its own descriptor
+            proc = await asyncio.create_subprocess_exec(
+                *CLI, *args, cwd=cwd, env=environ, stdout=asyncio.subprocess.PIPE,
+                stderr=stderr, preexec_fn=preexec_fn)
+        return cls(proc, log)
+
+    async def read_until(self, pattern: str) -> re.Match[str]:
+        assert self.proc.stdout is not None
+        while True:
+            for line in self.lines:
+                if match := re.search(pattern, line):
+                    return match
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), TIMEOUT)
+            if not raw:
+                raise AssertionError(f"process ended before printing {pattern!r}; "
+                                     f"log:\n{self.log.read_text()[-3000:]}")
+            self.lines.append(raw.decode())
+
+    async def logged(self, pattern: str) -> re.Match[str]:
+        """Wait until the process's log (stderr) holds a line matching `pattern`."""
+        async def found() -> re.Match[str] | None:
+            if self.proc.returncode is not None:
+                raise AssertionError(f"process ended before logging {pattern!r}; "
+                                     f"log:\n{self.log.read_text()[-3000:]}")
+            return re.search(pattern, self.log.read_text(errors="replace"))
+
+        match: re.Match[str] = await wait_for(found, f"the log to show {pattern!r}")
+        return match
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        return await asyncio.wait_for(self.proc.wait(), TIMEOUT)
+
+
+async def hub_with_keys(tmp_path: Path, services: list[Service],
+                        name: str = "hub") -> tuple[Service, str, str, str]:
+    """A hub process on a fresh config: (service, base URL, ingest key, read key)."""
+    write_config(tmp_path)
+    ingest = run_cli("keys", "create", "--role", "ingest", "--name", "w", cwd=tmp_path)
+    read = run_cli("keys", "create", "--role", "read", "--name", "r", cwd=tmp_path)
+    hub = await Service.start("hub", cwd=tmp_path, name=name)
+    services.append(hub)
+    url = (await hub.read_until(r"listening on (http://\S+)")).group(1)
+    return hub, url, ingest.stdout.strip(), read.stdout.strip()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+def outbox_size(state_dir: Path) -> int:
+    """Records in a watcher's outbox, read beside the running watcher (WAL allows it)."""
+    con = sqlite3.connect(f"file:{state_dir / 'state.sqlite3'}?mode=ro", uri=True)
+    try:
+        return int(con.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    finally:
+        con.close()
+
+
+async def all_changes(api: Api) -> list[dict[str, Any]]:
+    changes: list[dict[str, Any]] = []
+    since = 0
+    while True:
+        page = await api.get("/api/changes", since=since, limit=1000)
+        changes += page["changes"]
+        since = page["last"]
+        if page["done"]:
+            return changes
+
+
+def without_root_file_access() -> None:
+    """In the child before exec: drop the capabilities that let root read any file
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so permissions apply to it as to anyone.
+    Root's capabilities after exec are capped by this bounding set."""
+    if os.geteuid() != 0:
+        return  # an ordinary user is bound by permissions already
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "cannot drop a capability")
