@@ -381,3 +381,41 @@ async def test_a_file_deleted_right_after_it_appears_leaves_no_trace(hub: Runnin
 async def _has_instance(api: Api, series_uid: str) -> bool:
     return bool([s for s in (await api.get("/api/series"))["items"]
                  if s["series_instance_uid"] == series_uid])
+
+
+async def test_a_large_folder_streams_through_a_bounded_queue(
+        hub: RunningHub, api: Api, run_watcher, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from watcher import service
+
+    monkeypatch.setattr(service, "PENDING_LIMIT", 20)
+    monkeypatch.setattr(service, "SCAN_CHUNK", 10)
+    for n in range(300):
+        factory.write(tmp_path / "inbox-w1" / f"{n % 7}" / f"{n}.dcm",
+                      SeriesInstanceUID="1.2.77", InstanceNumber=n)
+    peak = 0
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            for item in service_watchers:
+                peak = max(peak, len(item.settler) + item._queue.qsize())
+            await asyncio.sleep(0)
+
+    service_watchers: list[service.Watcher] = []
+    real_init = service.Watcher.__init__
+
+    def init(self: service.Watcher, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        service_watchers.append(self)
+
+    monkeypatch.setattr(service.Watcher, "__init__", init)
+    sampler = asyncio.create_task(sample())
+    try:
+        await run_watcher(hub)
+        await wait_outcomes(api, 300)
+    finally:
+        sampler.cancel()
+    assert (await api.get("/api/series/1.2.77"))["instance_count"] == 300
+    # The walk waits while 20 paths are pending, then adds at most one chunk of 10.
+    assert 0 < peak < 30, peak
