@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import textwrap
 from collections.abc import Callable, Iterator
@@ -113,8 +114,11 @@ async def test_hub_killed_mid_ingest_loses_and_doubles_nothing(
 
         await wait_for(under_way, "ingest to be under way")
         assert await hub.stop(signal.SIGKILL) == -signal.SIGKILL
+        with contextlib.closing(sqlite3.connect(tmp_path / "data" / "hub.sqlite3")) as db:
+            stored = db.execute("SELECT count(*) FROM instances").fetchone()[0]
         hub = await restart_hub(tmp_path, services, url, "hub2")
         await settled(api, total, series)
+        print(f"hub kill: {stored} of {total} instances stored when killed")
         changes = await all_changes(api)
         seqs = [c["seq"] for c in changes]
         assert seqs == sorted(set(seqs))  # no gap in order, no seq twice
@@ -131,8 +135,6 @@ async def test_hub_killed_mid_ingest_loses_and_doubles_nothing(
 
 async def test_watcher_killed_mid_ingest_resumes_without_reparsing(
         tmp_path: Path, services: list[Service]) -> None:
-    import sqlite3
-
     _, url, key, read_key = await hub_with_keys(tmp_path, services)
     total, series = 3000, 6
     drop_files(tmp_path / "inbox", total, series, "1.2.6")
@@ -145,12 +147,11 @@ async def test_watcher_killed_mid_ingest_resumes_without_reparsing(
 
         await wait_for(under_way, "ingest to be under way")
         assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
-        state = sqlite3.connect(tmp_path / "data" / "watcher" / "state.sqlite3")
-        try:
-            remembered = state.execute("SELECT count(*) FROM delivered").fetchone()[0]
-        finally:
-            state.close()
+        with contextlib.closing(sqlite3.connect(tmp_path / "data" / "watcher" /
+                                                "state.sqlite3")) as db:
+            remembered = db.execute("SELECT count(*) FROM delivered").fetchone()[0]
         assert 0 < remembered < total  # killed in the middle, as intended
+        print(f"watcher kill: {remembered} of {total} files parsed when killed")
 
         second = await start_watcher(tmp_path, services, url, key, "watcher2")
         await settled(api, total, series)
