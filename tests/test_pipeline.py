@@ -120,16 +120,16 @@ async def test_bad_files_become_rejections_and_heal_when_fixed(hub: RunningHub, 
 
 async def test_slow_writer_is_read_once_when_complete(hub: RunningHub, api: Api,
                                                       run_watcher, tmp_path: Path) -> None:
-    running = await run_watcher(hub, settle=1.0)
+    running = await run_watcher(hub, settle=2.0)
     source = tmp_path / "source.dcm"
-    ds = factory.write(source, pixels=64 * 1024)
+    ds = factory.write(source, pixels=96 * 1024)
     data = source.read_bytes()
     target = running.inbox / "slow.dcm"
-    with target.open("wb") as fh:  # one writer, chunks spaced well inside `settle`
+    with target.open("wb") as fh:  # 3 s of writing, in chunks spaced well inside `settle`
         for start in range(0, len(data), 8192):
             fh.write(data[start:start + 8192])
             fh.flush()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.25)
     await wait_outcomes(api, 1)
     assert running.watcher.parsed == 1
     assert (await api.get("/api/stats"))["rejections"] == 0
