@@ -5,14 +5,18 @@
 only when the file vanished before it could be opened (nothing to report).
 It runs in worker processes, so it takes plain paths and returns picklable
 frozen records; values are copied out of pydicom's lazy data set here, inside
-one try, so no conversion error surfaces later.
+one try, so no conversion error surfaces later. Damage must not make pydicom read
+past the file's size or run on for minutes either: see _BoundedReader,
+_read_sequence_item and _Stop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import errno
+import io
 import logging
 import os
 import re
@@ -21,9 +25,11 @@ import struct
 import sys
 import warnings
 import zlib
+from collections.abc import MutableSequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pydicom import filereader
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
@@ -34,6 +40,14 @@ from dicomhub.protocol import InstanceRecord, Rejection
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 UNDEFINED_LENGTH = 0xFFFFFFFF
+# Reads up to this size pass straight through; larger ones are clamped to the bytes
+# left in the file (see _BoundedReader). Nearly every read is a header or a short value.
+_SMALL_READ = 1 << 16
+# A deflated data set that inflates past this is rejected: pydicom inflates it whole,
+# in one call, and deflate can grow 1000-fold (a 1 MB file would take 1 GB).
+MAX_INFLATED = 256 << 20
+_INFLATE_CHUNK = 1 << 18
+_ZERO_RUN = 1024  # (0000,0000) elements read before a data set counts as run on
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 _LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC",
                               "UN", "UR", "UT", "UV"})
@@ -106,7 +120,19 @@ def display_path(path: Path, root: Path, label: str = "") -> str:
     return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
-class _StopAtPixels:
+class _Stop:
+    """Base of the stop_when callbacks, which see every top-level element: a run of
+    (0000,0000) elements ends the data set. Damage that carries it on into zero-filled
+    pixels reads one per 8 bytes, 2 µs each: minutes for a large file, for nothing."""
+
+    zeros = 0
+
+    def _zero_run(self) -> bool:
+        self.zeros += 1
+        return self.zeros > _ZERO_RUN
+
+
+class _StopAtPixels(_Stop):
     """stop_when callback for read_partial that remembers the pixel element's length."""
 
     def __init__(self) -> None:
@@ -117,7 +143,7 @@ class _StopAtPixels:
         if tag in _PIXEL_TAGS:
             self.length, self.vr = length, vr
             return True
-        return False
+        return not tag and self._zero_run()
 
 
 def read_files(items: list[tuple[str, str, str]]) -> list[InstanceRecord | Rejection | None]:
@@ -131,12 +157,18 @@ def read_file(path: Path, root: Path, label: str = "", *,
     (raw bytes decoded here, for the common character sets) is tested against."""
     rel = display_path(path, root, label)
     try:
-        with open(path, "rb") as fp:
-            st = os.fstat(fp.fileno())
+        # unbuffered, to wrap; opened by str, as pydicom adds fp.name to strings
+        with open(os.fspath(path), "rb", buffering=0) as raw:
+            st = os.fstat(raw.fileno())
             base: dict[str, Any] = {"path": rel, "size": st.st_size, "mtime": st.st_mtime}
             if st.st_size == 0:
                 return Rejection(reason="empty", detail="the file is empty (0 bytes)", **base)
-            return _read_open(fp, base, fast)
+            strict = _strict_items.set(True)
+            try:
+                with _BoundedReader(raw, st.st_size) as fp:
+                    return _read_open(fp, base, fast)
+            finally:
+                _strict_items.reset(strict)
     except FileNotFoundError:
         if not os.path.islink(path):
             return None  # vanished before we could read it: nothing to report
@@ -153,6 +185,101 @@ def read_file(path: Path, root: Path, label: str = "", *,
                          detail=f"cannot read the file: {why}")
 
 
+class DamagedStructureError(Exception):
+    """Damage found before pydicom reads on through it (for minutes, into gigabytes)."""
+
+
+class InflateLimitError(DamagedStructureError):
+    """A deflated data set inflates to more than MAX_INFLATED bytes."""
+
+
+_buffered_read = io.BufferedReader.read
+
+
+class _BoundedReader(io.BufferedReader):
+    """The open file as pydicom reads it: no read goes past the size it had when opened.
+
+    pydicom reads each value with read(declared length), and BufferedReader.read(n)
+    allocates n bytes before it finds the file shorter: a damaged length of 4 GB
+    would cost 4 GB. read() of the whole rest, which pydicom does only to inflate a
+    deflated data set, first checks what that would inflate to.
+    """
+
+    def __init__(self, raw: io.FileIO, size: int) -> None:
+        super().__init__(raw)
+        self.size = size
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if size is not None and 0 <= size <= _SMALL_READ:
+            return _buffered_read(self, size)  # the hot path: no tell(), no min()
+        left = max(self.size - self.tell(), 0)
+        if size is not None and size >= 0:
+            return _buffered_read(self, min(size, left))
+        rest = _buffered_read(self, left)
+        _check_inflated_size(rest)
+        return rest
+
+
+# Item, Item Delimitation and Sequence Delimitation tags, little and big endian.
+_ITEM_TAGS = frozenset({b"\xfe\xff\x00\xe0", b"\xfe\xff\x0d\xe0", b"\xfe\xff\xdd\xe0",
+                        b"\xff\xfe\xe0\x00", b"\xff\xfe\xe0\x0d", b"\xff\xfe\xe0\xdd"})
+_strict_items: contextvars.ContextVar[bool] = contextvars.ContextVar("strict_items",
+                                                                     default=False)
+_pydicom_read_sequence_item = filereader.read_sequence_item
+
+
+def _read_sequence_item(fp: BinaryIO, is_implicit_VR: bool, is_little_endian: bool,
+                        encoding: str | MutableSequence[str], offset: int = 0,
+                        ) -> Dataset | None:
+    """pydicom's read_sequence_item, which while read_file runs insists on an item tag.
+
+    pydicom takes any 8 bytes where an item should start for an item header, so a
+    sequence whose end is damaged runs on into the pixel data: from zeros it reads
+    an empty item every 8 bytes (80 times the file's size in memory, seconds per MB),
+    from other data elements by the million.
+    """
+    if _strict_items.get():
+        tag = fp.read(4)
+        fp.seek(-len(tag), os.SEEK_CUR)
+        if len(tag) == 4 and tag not in _ITEM_TAGS:
+            raise DamagedStructureError(
+                f"a sequence runs on past its end: no item at offset {fp.tell() + offset}")
+    return _pydicom_read_sequence_item(fp, is_implicit_VR, is_little_endian, encoding,
+                                       offset)
+
+
+filereader.read_sequence_item = _read_sequence_item  # read_sequence looks it up by name
+
+
+def _check_inflated_size(deflated: bytes) -> None:
+    """Raise InflateLimitError if `deflated` inflates past MAX_INFLATED bytes.
+
+    Inflates in chunks, from slices of the input, and keeps none of the output:
+    it holds no more than a chunk or two. Data zlib rejects passes: pydicom's own
+    inflation meets the same error and reports it.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with memoryview(deflated) as view:
+        try:
+            for start in range(0, len(view), _INFLATE_CHUNK):
+                data: bytes | memoryview = view[start:start + _INFLATE_CHUNK]
+                while data and not inflater.eof:
+                    inflated = len(inflater.decompress(data, _INFLATE_CHUNK))
+                    total += inflated
+                    if total > MAX_INFLATED:
+                        raise InflateLimitError(
+                            f"deflated data set inflates to more than {MAX_INFLATED >> 20}"
+                            f" MiB (from {len(deflated)} bytes)")
+                    if not inflated and len(inflater.unconsumed_tail) == len(data):
+                        break  # no progress (zlib would say why)
+                    data = inflater.unconsumed_tail
+                if inflater.eof:
+                    return
+        except zlib.error:
+            return
+
+
 def _stat_or_zero(path: Path) -> tuple[int, float]:
     """Size and mtime for a rejection; a link that leads nowhere has size 0."""
     try:
@@ -167,15 +294,24 @@ def _stat_or_zero(path: Path) -> tuple[int, float]:
 
 
 def _read_open(fp: BinaryIO, base: dict[str, Any], fast: bool) -> InstanceRecord | Rejection:
-    head = fp.read(132)
+    head = fp.read(144)
     has_dicm = head[128:132] == b"DICM"
     fp.seek(0)
+    meta_length = _first_meta_length(head, has_dicm)
+    if meta_length > _SMALL_READ:
+        # pydicom converts the first file meta element to check how the meta is
+        # encoded; a damaged one read as UL becomes 13 times its length in ints.
+        return _failure(DamagedStructureError(
+            f"the file meta is damaged: its first element declares {meta_length} bytes"),
+            has_dicm, base)
     stop = _StopAtPixels()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = read_partial(fp, stop_when=stop, force=True)
             return _to_record(ds, has_dicm, stop, fp.tell(), base, fast)
+    except InflateLimitError as exc:
+        return Rejection(reason="corrupt", detail=str(exc), **base)  # no second try
     except Exception as exc:  # noqa: BLE001 - no file may crash the watcher
         failure = _failure(exc, has_dicm, base)
     if failure.reason == "corrupt":
@@ -184,6 +320,20 @@ def _read_open(fp: BinaryIO, base: dict[str, Any], fast: bool) -> InstanceRecord
         if isinstance(recovered, InstanceRecord):
             return recovered
     return failure
+
+
+def _first_meta_length(head: bytes, has_dicm: bool) -> int:
+    """The length the first file meta element declares, as pydicom will read it;
+    0 when there is no file meta or the length takes 2 bytes (at most 64 KiB)."""
+    header = head[132:144] if has_dicm else head[:12]
+    if len(header) < 12 or header[:2] != b"\x02\x00":
+        return 0
+    vr = header[4:6]
+    if not (0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B):  # pydicom's test for implicit VR
+        return int.from_bytes(header[4:8], "little")
+    if vr.decode() in _LONG_LENGTH_VRS:
+        return int.from_bytes(header[8:12], "little")
+    return 0
 
 
 def _failure(exc: BaseException, has_dicm: bool, base: dict[str, Any]) -> Rejection:
@@ -201,17 +351,21 @@ def _failure(exc: BaseException, has_dicm: bool, base: dict[str, Any]) -> Reject
         detail = "sequences nested too deeply to parse"
     elif isinstance(exc, MemoryError):
         detail = "a declared length is impossibly large"
+    elif isinstance(exc, DamagedStructureError):
+        detail = str(exc)
     else:
         detail = f"cannot parse the header: {type(exc).__name__}: {_clean(str(exc))[:200]}"
     return Rejection(reason="corrupt", detail=detail, **base)
 
 
-class _StopAtSequenceAfterUids:
+class _StopAtSequenceAfterUids(_Stop):
     """stop_when for a second, tolerant read: once past the instance UIDs (top-level
     tags ascend), stop before the first undefined-length value, where parsers most
     often lose their way (deep nesting, missing delimiters)."""
 
     def __call__(self, tag: BaseTag, vr: str | None, length: int) -> bool:
+        if not tag:
+            return self._zero_run()
         return tag > 0x0020000E and length == UNDEFINED_LENGTH
 
 
@@ -309,7 +463,8 @@ def _fast_uid(ds: Dataset, tag: int) -> str | None:
     raw = _raw(ds, tag)
     if raw is None:
         return None
-    return _clean(raw.decode("latin-1").split("\\")[0].strip("\x00 "))[:128]
+    # split bytes, once: a damaged length can make a "UID" of megabytes
+    return _clean(raw.split(b"\\", 1)[0].decode("latin-1").strip("\x00 "))[:128]
 
 
 def _fast_integer(ds: Dataset, tag: int) -> int | None | object:
@@ -320,10 +475,12 @@ def _fast_integer(ds: Dataset, tag: int) -> int | None | object:
         return None
     elem = ds._dict[BaseTag(tag)]
     if tag in _US_TAGS:
-        if len(raw) != 2 or not isinstance(elem, RawDataElement):
+        # pydicom would convert every 2 bytes of a multi-valued US to an int (20 times
+        # the size) for us to keep the first
+        if len(raw) < 2 or len(raw) % 2 or not isinstance(elem, RawDataElement):
             return _SLOW
-        return int.from_bytes(raw, "little" if elem.is_little_endian else "big")
-    text = raw.decode("latin-1").split("\\")[0].strip(" \x00")
+        return int.from_bytes(raw[:2], "little" if elem.is_little_endian else "big")
+    text = raw.split(b"\\", 1)[0].decode("latin-1").strip(" \x00")
     try:
         return _whole_number(text)
     except ValueError:
