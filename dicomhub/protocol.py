@@ -149,10 +149,15 @@ class InstanceRecord:
     columns: int | None = None
     transfer_syntax_uid: str = ""
     specific_character_set: str = ""
+    # Added after the first release: watchers that do not send them leave them empty.
+    performed_procedure_step_start_date: str = ""
+    performed_procedure_step_start_time: str = ""
+    bits_allocated: int | None = None
 
 
 _UID_FIELDS = ("sop_instance_uid", "series_instance_uid", "study_instance_uid")
-_INT_FIELDS = ("series_number", "instance_number", "number_of_frames", "rows", "columns")
+_INT_FIELDS = ("series_number", "instance_number", "number_of_frames", "rows", "columns",
+               "bits_allocated")
 _TEXT_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(InstanceRecord)

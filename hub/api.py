@@ -180,7 +180,7 @@ async def etag_middleware(request: web.Request, handler: Handler) -> web.StreamR
     response = await handler(request)
     if request.method != "GET" or response.status != 200 \
             or not isinstance(response, web.Response) or response.body is None \
-            or response.content_type != "application/json":
+            or response.content_type not in ("application/json", "application/dicom+json"):
         return response
     body = response.body
     assert isinstance(body, bytes)

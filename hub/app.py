@@ -17,7 +17,7 @@ from dicomhub.config import HubConfig, encryption_key
 from dicomhub.errors import DicomhubError
 from dicomhub.logs import keep_phi_out
 
-from . import api, ingest, live, openapi, session
+from . import api, dicomweb, ingest, live, openapi, session
 from .audit import AUDITOR_KEY, Auditor
 from .auth import ALLOWED_ORIGINS_KEY, LIMITER_KEY, STORE_KEY, auth_middleware, public
 from .ratelimit import FailureLimiter
@@ -99,6 +99,7 @@ def create_app(config: HubConfig, store: Store | None = None) -> web.Application
     app.add_routes(live.routes)
     app.add_routes(session.routes)
     app.add_routes(openapi.routes)
+    app.add_routes(dicomweb.routes)
     app.router.add_get("/", _web_file)
     app.router.add_get(r"/{name:[A-Za-z0-9_-][A-Za-z0-9_.-]*}", _web_file)
     app.cleanup_ctx.append(_resources)

@@ -162,6 +162,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "INSERT INTO settings (name, value) VALUES ('mask_secret', hex(randomblob(32)))",
     ),
+    # 5: what DICOMweb searches return and match on. Rows from older watchers keep
+    # the defaults (empty, NULL); indexes for the commonest study-level keys.
+    (
+        "ALTER TABLE series ADD COLUMN pps_start_date TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE series ADD COLUMN pps_start_time TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE instances ADD COLUMN bits_allocated INTEGER",
+        "CREATE INDEX studies_date ON studies(study_date)",
+        "CREATE INDEX studies_accession ON studies(accession_number)",
+        "CREATE INDEX patients_name ON patients(patient_name)",
+    ),
 )
 
 VERSION = len(MIGRATIONS)

@@ -24,7 +24,8 @@ from dicomhub.errors import StoreError
 from dicomhub.sqlitethread import DB_ERRORS, INTEGRITY_ERRORS, SQLiteThread, open_connection
 from dicomhub.protocol import InstanceRecord, Record, Rejection
 
-from . import schema
+from . import qido_sqlite, schema
+from .qido import Query as QidoQuery
 from .store import AuditEntry, Change, IngestResult, KeyInfo, ListQuery, Page, Store, iso
 
 _SERIES_SELECT = """
@@ -304,6 +305,11 @@ class SQLiteStore(Store):
         filters = {k: "r." + v for k, v in _REJECTION_FILTERS.items()}
         return await self._page(select, "r", filters, query, _rejection_item)
 
+    async def qido(self, query: QidoQuery) -> tuple[list[dict[str, Any]], bool]:
+        sql, params = qido_sqlite.build(query)
+        rows = await self._fetchall(sql, params)
+        return [dict(r) for r in rows[:query.limit]], len(rows) > query.limit
+
     async def changes(self, since: int, limit: int) -> list[Change]:
         rows = await self._fetchall(
             "SELECT seq, time, kind, payload FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -466,6 +472,8 @@ _SERIES_FILL = (
     " body_part_examined = iif(body_part_examined = '', ?, body_part_examined),"
     " series_date = iif(series_date = '', ?, series_date),"
     " series_time = iif(series_time = '', ?, series_time),"
+    " pps_start_date = iif(pps_start_date = '', ?, pps_start_date),"
+    " pps_start_time = iif(pps_start_time = '', ?, pps_start_time),"
     " instance_count = instance_count + 1, last_seen = ?, status = 'receiving',"
     " stable_since = NULL WHERE id = ?")
 _STUDY_FILL = (
@@ -557,11 +565,12 @@ class _Ingest:
             place = self._place(r)
             con.execute(
                 "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid,"
-                " instance_number, number_of_frames, rows, columns, transfer_syntax_uid,"
-                " specific_character_set, watcher_id, path, size, mtime, received)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " instance_number, number_of_frames, rows, columns, bits_allocated,"
+                " transfer_syntax_uid, specific_character_set, watcher_id, path, size,"
+                " mtime, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (r.sop_instance_uid, place.series_pk, r.sop_class_uid, r.instance_number,
-                 r.number_of_frames, r.rows, r.columns, r.transfer_syntax_uid,
+                 r.number_of_frames, r.rows, r.columns, r.bits_allocated,
+                 r.transfer_syntax_uid,
                  r.specific_character_set, self.watcher_id, r.path, r.size, r.mtime, self.now))
             self._fill(r, place)
             self.grown[place.series_pk] = r.series_instance_uid
@@ -585,7 +594,9 @@ class _Ingest:
         """Count the new instance and fill attributes still empty, level by level."""
         con, now = self.con, self.now
         con.execute(_SERIES_FILL, (r.modality, r.series_number, r.series_description,
-                                   r.body_part_examined, r.series_date, r.series_time, now,
+                                   r.body_part_examined, r.series_date, r.series_time,
+                                   r.performed_procedure_step_start_date,
+                                   r.performed_procedure_step_start_time, now,
                                    place.series_pk))
         if r.study_instance_uid == place.study_uid:
             con.execute(_STUDY_FILL, (r.study_date, r.study_time, r.study_description,

@@ -15,6 +15,8 @@ from typing import Any
 
 from dicomhub.protocol import Record
 
+from .qido import Query as QidoQuery
+
 
 def iso(ts: float | None) -> str | None:
     """Epoch seconds as ISO 8601 UTC with milliseconds, e.g. 2026-01-02T03:04:05.678Z."""
@@ -138,6 +140,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_rejections(self, query: ListQuery) -> Page: ...
+
+    @abc.abstractmethod
+    async def qido(self, query: QidoQuery) -> tuple[list[dict[str, Any]], bool]:
+        """One page of a DICOMweb search: rows keyed by attribute keyword, and
+        whether more follow."""
 
     @abc.abstractmethod
     async def changes(self, since: int, limit: int) -> list[Change]: ...

@@ -69,7 +69,8 @@ optional_ints = st.one_of(st.none(), st.integers(min_value=-(2**63), max_value=2
 counts = st.integers(min_value=0, max_value=2**31)
 
 _UID_FIELDS = {"sop_instance_uid", "series_instance_uid", "study_instance_uid"}
-_INT_FIELDS = {"series_number", "instance_number", "number_of_frames", "rows", "columns"}
+_INT_FIELDS = {"series_number", "instance_number", "number_of_frames", "rows", "columns",
+               "bits_allocated"}
 _FILE_FIELDS = {"path", "size", "mtime"}
 
 # The free-text fields of an InstanceRecord, and the other *_uid ones (bounded by MAX_UID).

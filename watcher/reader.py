@@ -79,6 +79,8 @@ _TEXT_TAGS = {
     "series_time": 0x00080031,
     "sop_class_uid": 0x00080016,
     "specific_character_set": 0x00080005,
+    "performed_procedure_step_start_date": 0x00400244,
+    "performed_procedure_step_start_time": 0x00400245,
 }
 _INT_TAGS = {
     "series_number": 0x00200011,
@@ -86,6 +88,7 @@ _INT_TAGS = {
     "number_of_frames": 0x00280008,
     "rows": 0x00280010,
     "columns": 0x00280011,
+    "bits_allocated": 0x00280100,
 }
 _UID_TAGS = {
     "sop_instance_uid": (0x00080018, "SOP Instance UID"),
@@ -430,7 +433,7 @@ def _to_record(ds: Dataset, has_dicm: bool, stop: _StopAtPixels, pixel_start: in
 _SIMPLE_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO 2022 IR 6": "latin-1",
                   "ISO_IR 100": "latin-1", "ISO 2022 IR 100": "latin-1",
                   "ISO_IR 192": "utf-8"}
-_US_TAGS = frozenset({0x00280010, 0x00280011})
+_US_TAGS = frozenset({0x00280010, 0x00280011, 0x00280100})
 _SLOW = object()  # "decide with pydicom"
 
 
