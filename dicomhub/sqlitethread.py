@@ -99,6 +99,10 @@ class SQLiteThread:
 
     def _in_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         con = self.con
+        if con.in_transaction:
+            # A ROLLBACK that failed (a full disk can refuse even that) left this one
+            # open; end it, or every later BEGIN fails and the connection is stuck.
+            con.execute("ROLLBACK")
         con.execute("BEGIN IMMEDIATE")
         try:
             result = fn(con)
