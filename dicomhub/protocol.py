@@ -214,11 +214,38 @@ def parse_record(value: Any, where: str = "record.") -> Record:
     return InstanceRecord(**fields)
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:  # dataclasses.fields() is too slow to call per record
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def record_to_json(record: Record) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": record.kind}
-    for f in dataclasses.fields(record):
-        out[f.name] = getattr(record, f.name)
+    for name in _field_names(type(record)):
+        out[name] = getattr(record, name)
     return out
+
+
+def record_text(record: Record) -> str:
+    """The record as the JSON text the outbox keeps and batches carry."""
+    return json.dumps(record_to_json(record), ensure_ascii=False, separators=(",", ":"))
+
+
+def checked(record: Record) -> Record:
+    """The record, or a `corrupt` rejection if the hub would refuse it: a record the
+    hub cannot accept must become a visible rejection at the watcher, not block
+    its outbox."""
+    try:
+        parse_record(record_to_json(record))
+    except ProtocolError as exc:
+        return Rejection(path=record.path, size=record.size, mtime=record.mtime,
+                         reason="corrupt", detail=f"values the hub cannot accept: {exc}")
+    return record
 
 
 # Messages -------------------------------------------------------------------

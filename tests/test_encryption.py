@@ -62,7 +62,7 @@ async def test_watcher_outbox_is_encrypted(tmp_path: Path) -> None:
 
     state = State(tmp_path / "state", KEY)
     await state.open()
-    await state.put([Outcome(b"/x/a.dcm", 1, 1, RECORD)])
+    await state.put([Outcome.of(b"/x/a.dcm", 1, 1, RECORD)])
     await state.close()
     assert_unreadable_without_key(tmp_path / "state" / "state.sqlite3")
     state = State(tmp_path / "state", KEY)

@@ -23,6 +23,7 @@ import re
 import signal
 import struct
 import sys
+import time
 import warnings
 import zlib
 from collections.abc import MutableSequence
@@ -35,7 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
-from dicomhub.protocol import InstanceRecord, Rejection
+from dicomhub.protocol import InstanceRecord, Rejection, checked, record_text
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -111,13 +112,17 @@ def init_worker() -> None:
     warnings.simplefilter("ignore")
 
 
-def display_path(path: Path, root: Path, label: str = "") -> str:
+def display_path(path: Path | str, root: Path | str, label: str = "") -> str:
     """The path relative to its watch root, always valid UTF-8, with '/' separators.
 
     A watcher with several roots passes each root's folder name as `label`, so
     equal relative paths under different roots stay apart.
     """
-    rel = path.relative_to(root).as_posix()
+    text, top = os.fspath(path), os.fspath(root).rstrip(os.sep) + os.sep
+    if text.startswith(top):  # the common case, without pathlib's cost per file
+        rel = text[len(top):].replace(os.sep, "/")
+    else:
+        rel = Path(text).relative_to(root).as_posix()
     if label:
         rel = f"{label}/{rel}"
     return os.fsencode(rel).decode("utf-8", "backslashreplace")
@@ -149,12 +154,34 @@ class _StopAtPixels(_Stop):
         return not tag and self._zero_run()
 
 
+def warm_up() -> None:
+    """A task for a new parsing process: it exists and has imported what it needs.
+    It lingers a moment so that each of the pool's processes gets one."""
+    time.sleep(0.05)
+
+
 def read_files(items: list[tuple[str, str, str]]) -> list[InstanceRecord | Rejection | None]:
     """read_file for many (path, root, label) at once: one round trip to a worker."""
-    return [read_file(Path(path), Path(root), label) for path, root, label in items]
+    return [read_file(path, root, label) for path, root, label in items]
 
 
-def read_file(path: Path, root: Path, label: str = "", *,
+def encode_files(items: list[tuple[str, str, str]]) -> list[tuple[str, bool] | None]:
+    """read_files, each record checked against the protocol and encoded as the
+    outbox's JSON text here in the worker, so the watcher's one event loop only
+    stores text. With each: whether the file is worth reading again later (it
+    could not be opened)."""
+    out: list[tuple[str, bool] | None] = []
+    for record in read_files(items):
+        if record is None:
+            out.append(None)
+            continue
+        record = checked(record)
+        retry = isinstance(record, Rejection) and record.reason == "unreadable"
+        out.append((record_text(record), retry))
+    return out
+
+
+def read_file(path: Path | str, root: Path | str, label: str = "", *,
               fast: bool = True) -> InstanceRecord | Rejection | None:
     """`fast=False` converts every value with pydicom: the reference the fast path
     (raw bytes decoded here, for the common character sets) is tested against."""
@@ -175,13 +202,13 @@ def read_file(path: Path, root: Path, label: str = "", *,
     except FileNotFoundError:
         if not os.path.islink(path):
             return None  # vanished before we could read it: nothing to report
-        size, mtime = _stat_or_zero(path)
+        size, mtime = _stat_or_zero(Path(path))
         return Rejection(path=rel, size=size, mtime=mtime, reason="unreadable",
                          detail="broken symbolic link: its target does not exist")
     except IsADirectoryError:
         return None
     except OSError as exc:
-        size, mtime = _stat_or_zero(path)
+        size, mtime = _stat_or_zero(Path(path))
         why = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else (
             exc.strerror or type(exc).__name__)
         return Rejection(path=rel, size=size, mtime=mtime, reason="unreadable",
@@ -387,8 +414,10 @@ def _read_tolerant(fp: BinaryIO, has_dicm: bool, base: dict[str, Any],
 def _to_record(ds: Dataset, has_dicm: bool, stop: _StopAtPixels, pixel_start: int,
                base: dict[str, Any], fast: bool) -> InstanceRecord | Rejection:
     meta = getattr(ds, "file_meta", None) or Dataset()
-    media_class = _uid(meta, 0x00020002)
-    transfer_syntax = _uid(meta, 0x00020010)
+    media_class = (_fast_uid(meta, 0x00020002) if fast else None)
+    media_class = _uid(meta, 0x00020002) if media_class is None else media_class
+    transfer_syntax = (_fast_uid(meta, 0x00020010) if fast else None)
+    transfer_syntax = _uid(meta, 0x00020010) if transfer_syntax is None else transfer_syntax
     elements = ds._dict  # raw elements, not yet converted: cheap to inspect
     if not has_dicm and not any(t in elements for t in _TELLTALE_TAGS) and not len(meta):
         return Rejection(reason="not_dicom", detail="no DICOM structure found", **base)

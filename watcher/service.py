@@ -31,13 +31,6 @@ from watchdog.observers.api import BaseObserver
 
 from dicomhub.config import WatcherConfig, encryption_key
 from dicomhub.logs import keep_phi_out
-from dicomhub.protocol import (
-    InstanceRecord,
-    ProtocolError,
-    Rejection,
-    parse_record,
-    record_to_json,
-)
 
 from . import reader
 from .backoff import backoff
@@ -49,7 +42,7 @@ from .state import Outcome, State, StateError
 log = logging.getLogger("dicomhub.watcher")
 
 SCAN_CHUNK = 500
-PARSE_CHUNK = 32
+PARSE_CHUNK = 128
 # Paths held in memory (settling or queued) before a walk waits for the parsers,
 # and parse results before the parsers wait for the outbox: a folder of a million
 # files streams through instead of being held at once.
@@ -70,6 +63,9 @@ class Watcher:
         keep_phi_out()
         self.config, self.key = config, key
         self.roots = [Path(r).resolve() for r in config.watch]
+        self._prefixes = sorted(((str(r).rstrip(os.sep) + os.sep, r) for r in self.roots),
+                                key=lambda item: -len(item[0]))
+        self._state_prefix = str(config.state_dir) + os.sep
         self.state = State(config.state_dir, encryption_key(
             config.encryption_key_env, "watcher.encryption_key_env"))
         self.settler: Settler[str] = Settler(config.settle)
@@ -108,6 +104,11 @@ class Watcher:
             self.link = Link(self.config.hub_url, self.key, self.watcher_id, self.state,
                              batch_size=self.config.batch_size, tls=self._tls(),
                              delays=functools.partial(backoff, cap=self.config.reconnect_max))
+            # Start the parsers now, not on the first file: spawning one and importing
+            # pydicom takes a few hundred milliseconds the first files should not wait.
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.run_in_executor(pool, reader.warm_up)
+                                   for _ in range(self.workers)))
             observer = self.observer = start_observer(
                 self.roots, self._on_change, polling=self.config.polling,
                 poll_interval=self.config.poll_interval)
@@ -175,19 +176,17 @@ class Watcher:
     # finding files ----------------------------------------------------------------
 
     def _root_of(self, path: str) -> Path | None:
-        best = None
-        for root in self.roots:
-            if path == str(root) or path.startswith(str(root) + os.sep):
-                if best is None or len(str(root)) > len(str(best)):
-                    best = root
-        return best
+        for prefix, root in self._prefixes:  # longest first: the innermost root wins
+            if path.startswith(prefix) or path == prefix[:-1]:
+                return root
+        return None
 
     def _skipped(self, path: str, root: Path) -> bool:
-        rel = os.path.relpath(path, root)
+        """Called for every file seen, so string slicing rather than os.path.relpath."""
+        rel = path[len(str(root).rstrip(os.sep)) + 1:]
         if any(ignored(part) for part in rel.split(os.sep)):
             return True
-        state_dir = str(self.config.state_dir)
-        return path == state_dir or path.startswith(state_dir + os.sep)
+        return path == self._state_prefix[:-1] or path.startswith(self._state_prefix)
 
     def _on_change(self, change: Change) -> None:
         root = self._root_of(change.path)
@@ -283,21 +282,20 @@ class Watcher:
         if not todo:
             return  # spurious events for versions already delivered
         several = len(self.roots) > 1
-        records = await loop.run_in_executor(pool, reader.read_files, [
+        results = await loop.run_in_executor(pool, reader.encode_files, [
             (path, str(root), root.name if several else "") for path, root, _ in todo])
-        for (path, _, before), record in zip(todo, records, strict=True):
+        for (path, _, before), result in zip(todo, results, strict=True):
             after = _stat(path)
-            if after is None or record is None:
+            if after is None or result is None:
                 continue  # gone while we read it: nothing to report
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                 self.settler.observe(path, after.st_size, after.st_mtime, time.time())
                 self._wake.set()
                 continue  # changed while we read it: wait until it settles again
             self.parsed += 1
-            record = _checked(record)
-            retry = isinstance(record, Rejection) and record.reason == "unreadable"
+            text, retry = result
             self._results.append(Outcome(os.fsencode(path), before.st_size,
-                                         before.st_mtime_ns, record, remember=not retry))
+                                         before.st_mtime_ns, text, remember=not retry))
         self._results_ready.set()
 
     async def _commit_loop(self) -> None:
@@ -330,17 +328,6 @@ class Watcher:
             del self._results[:len(batch)]
             self._stored.set()
             self.link.wake()
-
-
-def _checked(record: InstanceRecord | Rejection) -> InstanceRecord | Rejection:
-    """Check a record against the protocol before it enters the outbox: one the hub
-    would refuse must become a visible rejection here, not block the outbox there."""
-    try:
-        parse_record(record_to_json(record))
-    except ProtocolError as exc:
-        return Rejection(path=record.path, size=record.size, mtime=record.mtime,
-                         reason="corrupt", detail=f"values the hub cannot accept: {exc}")
-    return record
 
 
 def _stat(path: str) -> os.stat_result | None:

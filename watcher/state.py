@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomhub.errors import DicomhubError
-from dicomhub.protocol import Record, record_to_json
+from dicomhub.protocol import Record, record_text
 from dicomhub.errors import StoreError
 from dicomhub.sqlitethread import DB_ERRORS, SQLiteThread
 
@@ -48,13 +47,18 @@ class StateError(DicomhubError):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """A parse result to keep: the record, and the file version it came from."""
+    """A parse result to keep: the record (as its JSON text), and the file version it
+    came from."""
 
     path: bytes
     size: int
     mtime_ns: int
-    record: Record
+    text: str
     remember: bool = True  # False for outcomes worth retrying (e.g. unreadable files)
+
+    @classmethod
+    def of(cls, path: bytes, size: int, mtime_ns: int, record: Record) -> Outcome:
+        return cls(path, size, mtime_ns, record_text(record))
 
 
 class State:
@@ -121,12 +125,11 @@ class State:
 
     async def put(self, outcomes: Iterable[Outcome]) -> int:
         """Store outcomes in the outbox and the memory, in one transaction."""
-        rows = [(o, json.dumps(record_to_json(o.record), ensure_ascii=False,
-                               separators=(",", ":"))) for o in outcomes]
+        rows = list(outcomes)
 
         def run(con: sqlite3.Connection) -> int:
-            for outcome, text in rows:
-                con.execute("INSERT INTO outbox (record) VALUES (?)", (text,))
+            for outcome in rows:
+                con.execute("INSERT INTO outbox (record) VALUES (?)", (outcome.text,))
                 if outcome.remember:
                     con.execute("INSERT OR REPLACE INTO delivered (path, size, mtime_ns)"
                                 " VALUES (?, ?, ?)",
