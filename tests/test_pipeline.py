@@ -419,3 +419,17 @@ async def test_a_large_folder_streams_through_a_bounded_queue(
     assert (await api.get("/api/series/1.2.77"))["instance_count"] == 300
     # The walk waits while 20 paths are pending, then adds at most one chunk of 10.
     assert 0 < peak < 30, peak
+
+
+@pytest.mark.parametrize("polling", [False, True])
+async def test_a_folder_moved_in_whole_is_indexed(hub: RunningHub, api: Api, run_watcher,
+                                                  tmp_path: Path, polling: bool) -> None:
+    running = await run_watcher(hub, polling=polling, poll_interval=0.2)
+    staging = tmp_path / "staging"
+    for n in range(60):
+        factory.write(staging / "a" / f"{n % 3}" / f"{n}.dcm", SeriesInstanceUID="1.2.88",
+                      InstanceNumber=n)
+    os.rename(staging / "a", running.inbox / "a")  # one event for the folder, none per file
+    await wait_outcomes(api, 60)
+    assert (await api.get("/api/series/1.2.88"))["instance_count"] == 60
+    assert running.watcher.parsed == 60
