@@ -718,3 +718,59 @@ def test_fast_path_matches_pydicom_on_built_files(tmp_path: Path, charset: str |
     assert fast == slow
     assert isinstance(fast, InstanceRecord) and fast.patient_name == name
     assert (fast.series_number, fast.instance_number, fast.rows, fast.columns) == (12, 7, 512, 256)
+
+
+# The quick reader takes the common files; pydicom the rest -------------------------------
+
+
+def quick(path: Path) -> InstanceRecord | None:
+    from watcher.reader import _quick_record
+
+    st = path.stat()
+    with path.open("rb", buffering=0) as fh:
+        return _quick_record(fh, st.st_size, {"path": path.name, "size": st.st_size,
+                                              "mtime": st.st_mtime})
+
+
+def _nested(depth: int, undefined: bool) -> Sequence:
+    item = Dataset()
+    item.CodeValue = "X"
+    item.is_undefined_length_sequence_item = undefined
+    if depth:
+        item.ContentSequence = _nested(depth - 1, undefined)
+        item["ContentSequence"].is_undefined_length = undefined
+    return Sequence([item, item])
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize("undefined", [False, True])
+def test_common_files_take_the_quick_path_and_agree_with_pydicom(
+        tmp_path: Path, implicit: bool, undefined: bool) -> None:
+    path = tmp_path / "a.dcm"
+    ds = dataset(PatientName="Doe^John=", SeriesNumber="4", Rows=64,
+                 PerformedProcedureStepStartDate="20240102")
+    ds.ReferencedStudySequence = _nested(3, undefined)  # before the UIDs: skipped, not read
+    ds["ReferencedStudySequence"].is_undefined_length = undefined
+    write(path, ds, implicit=implicit, pixels=64)
+    assert (path.read_bytes().count(b"\xfe\xff\xdd\xe0") == 15) == undefined  # nested 4 deep
+    record = quick(path)
+    assert record is not None
+    assert record == read_file(path, tmp_path) == read_file(path, tmp_path, fast=False)
+    assert (record.patient_name, record.series_number, record.rows, record.bits_allocated,
+            record.performed_procedure_step_start_date) == ("Doe^John", 4, 64, 8, "20240102")
+
+
+def test_odd_files_are_left_to_pydicom(tmp_path: Path) -> None:
+    path = tmp_path / "a.dcm"
+    write(path, preamble=False)
+    assert quick(path) is None  # no file meta
+    write(path, SpecificCharacterSet="ISO 2022 IR 87")
+    assert quick(path) is None  # a character set with escapes
+    write(path, SeriesInstanceUID=None)
+    assert quick(path) is None  # a missing UID: pydicom's path names it
+    write(path, pixels=100)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-10])
+    assert quick(path) is None  # truncated pixel data
+    path.write_bytes(raw[:raw.find(b"Test^Patient") + 3])
+    assert quick(path) is None  # cut inside a value

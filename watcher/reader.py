@@ -193,6 +193,11 @@ def read_file(path: Path | str, root: Path | str, label: str = "", *,
             base: dict[str, Any] = {"path": rel, "size": st.st_size, "mtime": st.st_mtime}
             if st.st_size == 0:
                 return Rejection(reason="empty", detail="the file is empty (0 bytes)", **base)
+            if fast:
+                quick = _quick_record(raw, st.st_size, base)
+                if quick is not None:
+                    return quick
+                raw.seek(0)
             strict = _strict_items.set(True)
             try:
                 with _BoundedReader(raw, st.st_size) as fp:
@@ -642,3 +647,191 @@ def _inferred_syntax(ds: Dataset) -> str:
     if implicit:
         return "1.2.840.10008.1.2"
     return "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"
+
+
+# The quick reader ----------------------------------------------------------------------
+#
+# Nearly every file is a complete instance with a file meta, in little-endian explicit
+# or implicit VR. For those, walking the element headers over the raw bytes costs a
+# sixth of pydicom's generic parse (profiled: 26 µs against 164 µs a header). Anything
+# unusual (no file meta, big endian, deflate, a character set outside the simple ones,
+# missing UIDs, damage of any kind) is declined and goes to pydicom's path above, so
+# every rejection and every odd file keeps exactly the outcome it had.
+
+_QUICK_FIRST_READ = 16384
+_QUICK_MAX_HEADER = 1 << 20  # a header longer than this goes to pydicom
+_QUICK_DEPTH = 16
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_LONG_VR_BYTES = frozenset(vr.encode() for vr in _LONG_LENGTH_VRS)
+_WANTED_TAGS = frozenset({*_TEXT_TAGS.values(), *_INT_TAGS.values(),
+                          *(tag for tag, _ in _UID_TAGS.values())})
+_PN_TAGS = frozenset({0x00100010, 0x00080090})
+_unpack_tag = struct.Struct("<HH").unpack_from
+_unpack_u16 = struct.Struct("<H").unpack_from
+_unpack_u32 = struct.Struct("<I").unpack_from
+
+
+class _Decline(Exception):
+    """The quick reader leaves this file to pydicom."""
+
+
+class _NeedMore(Exception):
+    """The header goes on past the bytes read so far."""
+
+
+def _quick_record(raw: BinaryIO, size: int, base: dict[str, Any]) -> InstanceRecord | None:
+    """The record of a common, complete file, or None to let pydicom read it."""
+    if size < 144:
+        return None
+    data = raw.read(min(size, _QUICK_FIRST_READ))
+    while True:
+        try:
+            return _quick_parse(data, size, base)
+        except _NeedMore:
+            limit = min(size, _QUICK_MAX_HEADER)
+            if len(data) >= limit:
+                return None
+            data += raw.read(limit - len(data))
+        except Exception:  # noqa: BLE001 - _Decline, or a surprise: pydicom decides
+            return None
+
+
+def _header(data: bytes, pos: int, size: int, implicit: bool) -> tuple[int, bytes, int, int]:
+    """(tag, VR, value length, value start) of the element at `pos`."""
+    if pos + 8 > len(data):
+        raise _NeedMore if len(data) < size else _Decline
+    group, element = _unpack_tag(data, pos)
+    tag = group << 16 | element
+    if implicit or group == 0xFFFE:
+        return tag, b"", _unpack_u32(data, pos + 4)[0], pos + 8
+    vr = data[pos + 4:pos + 6]
+    if not (0x41 <= vr[0] <= 0x5A and 0x41 <= vr[1] <= 0x5A):
+        raise _Decline  # not explicit VR after all: pydicom guesses
+    if vr in _LONG_VR_BYTES:
+        if pos + 12 > len(data):
+            raise _NeedMore if len(data) < size else _Decline
+        return tag, vr, _unpack_u32(data, pos + 8)[0], pos + 12
+    return tag, vr, _unpack_u16(data, pos + 6)[0], pos + 8
+
+
+def _value_end(data: bytes, start: int, length: int, size: int) -> int:
+    end = start + length
+    if end > size:
+        raise _Decline  # truncated: pydicom's path says where
+    if end > len(data):
+        raise _NeedMore
+    return end
+
+
+def _skip_items(data: bytes, pos: int, size: int, implicit: bool, depth: int) -> int:
+    """Skip a sequence of undefined length; return where it ends."""
+    if depth > _QUICK_DEPTH:
+        raise _Decline
+    while True:
+        tag, _, length, start = _header(data, pos, size, True)
+        if tag == _SEQUENCE_END:
+            return start
+        if tag != _ITEM:
+            raise _Decline
+        if length != UNDEFINED_LENGTH:
+            pos = _value_end(data, start, length, size)
+            continue
+        pos = start
+        while True:  # an item of undefined length: its elements, up to its delimiter
+            tag, vr, length, start = _header(data, pos, size, implicit)
+            if tag == _ITEM_END:
+                pos = start
+                break
+            if length == UNDEFINED_LENGTH:
+                if not implicit and vr != b"SQ":
+                    raise _Decline
+                pos = _skip_items(data, start, size, implicit, depth + 1)
+            else:
+                pos = _value_end(data, start, length, size)
+
+
+def _quick_parse(data: bytes, size: int, base: dict[str, Any]) -> InstanceRecord:
+    if data[128:132] != b"DICM":
+        raise _Decline
+    pos, meta = 132, {}
+    while True:
+        if pos + 8 > len(data):
+            raise _NeedMore if len(data) < size else _Decline
+        if data[pos:pos + 2] != b"\x02\x00":
+            break
+        tag, _, length, start = _header(data, pos, size, False)
+        if length == UNDEFINED_LENGTH:
+            raise _Decline
+        pos = _value_end(data, start, length, size)
+        meta[tag] = data[start:pos]
+    syntax = _uid_text(meta.get(0x00020010, b""))
+    media_class = _uid_text(meta.get(0x00020002, b""))
+    if not syntax or syntax == _EXPLICIT_BE or syntax.startswith(DEFLATED) \
+            or media_class == DICOMDIR_SOP_CLASS:
+        raise _Decline
+    implicit = syntax == _IMPLICIT_LE
+    values: dict[int, bytes] = {}
+    last = -1
+    while pos != size:
+        if pos + 8 > size:
+            raise _Decline  # ends inside an element header
+        tag, vr, length, start = _header(data, pos, size, implicit)
+        if tag <= last or tag == 0x00041220:
+            raise _Decline  # out of order, or a DICOMDIR
+        last = tag
+        if tag in _PIXEL_TAGS:
+            if length != UNDEFINED_LENGTH and start + length > size:
+                raise _Decline  # ends inside the pixel data
+            break
+        if length == UNDEFINED_LENGTH:
+            if not implicit and vr != b"SQ":
+                raise _Decline
+            pos = _skip_items(data, start, size, implicit, 0)
+            continue
+        pos = _value_end(data, start, length, size)
+        if tag in _WANTED_TAGS:
+            values[tag] = data[start:pos]
+    return _quick_values(values, media_class, syntax, base)
+
+
+def _uid_text(raw: bytes) -> str:
+    return _clean(raw.split(b"\\", 1)[0].decode("latin-1").strip("\x00 "))[:128]
+
+
+def _quick_values(values: dict[int, bytes], media_class: str, syntax: str,
+                  base: dict[str, Any]) -> InstanceRecord:
+    uids: dict[str, Any] = {field: _uid_text(values.get(tag, b""))
+                            for field, (tag, _) in _UID_TAGS.items()}
+    codec = _SIMPLE_CODECS.get(values.get(0x00080005, b"").decode("latin-1").strip(" \x00"))
+    if not all(uids.values()) or codec is None:
+        raise _Decline
+    fields: dict[str, Any] = {}
+    for name, tag in _TEXT_TAGS.items():
+        raw = values.get(tag)
+        if not raw:
+            fields[name] = ""
+            continue
+        parts = [v.strip(" \x00") for v in raw.decode(codec, "replace").split("\\")]
+        if tag in _PN_TAGS:  # as pydicom's PersonName: no trailing empty groups
+            parts = [v.rstrip("=") for v in parts]
+        fields[name] = _clean("\\".join(parts))[:1024]
+    for name, tag in _INT_TAGS.items():
+        raw = values.get(tag)
+        if not raw:
+            fields[name] = None
+        elif tag in _US_TAGS:
+            if len(raw) % 2:
+                raise _Decline
+            fields[name] = int.from_bytes(raw[:2], "little")
+        else:
+            try:
+                fields[name] = _whole_number(raw.split(b"\\", 1)[0].decode("latin-1")
+                                             .strip(" \x00"))
+            except ValueError:
+                fields[name] = None
+    if not fields["sop_class_uid"]:
+        fields["sop_class_uid"] = media_class
+    fields["transfer_syntax_uid"] = syntax
+    return InstanceRecord(**base, **fields, **uids)
