@@ -66,7 +66,8 @@ class Auditor:
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL)
+                async with asyncio.timeout(FLUSH_INTERVAL):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.flush()

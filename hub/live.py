@@ -129,7 +129,8 @@ async def _cut_off(request: web.Request, ws: web.WebSocketResponse, client: Clie
     log.warning("live client cut off: it fell more than %d messages behind",
                 client.queue.maxsize)
     try:
-        await asyncio.wait_for(ws.close(code=CLOSE_TOO_SLOW, message=reason.encode()), 5.0)
+        async with asyncio.timeout(5.0):
+            await ws.close(code=CLOSE_TOO_SLOW, message=reason.encode())
     except (TimeoutError, ConnectionResetError, RuntimeError):
         if request.transport is not None:
             request.transport.abort()  # it will not even read a close frame

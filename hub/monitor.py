@@ -49,7 +49,8 @@ class SeriesMonitor:
             deadline = self.tracker.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - self.clock())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             now = self.clock()
             due = self.tracker.due(now)

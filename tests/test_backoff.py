@@ -78,3 +78,4 @@ def test_random_jitter_stays_in_half_ceiling_to_ceiling(seed: int) -> None:
 
 def test_the_default_random_source_is_random_uniform() -> None:
     assert inspect.signature(backoff).parameters["uniform"].default is random.uniform
+

@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from dicomhub import __version__
+from dicomhub.aio import cancelled_quietly
 from dicomhub.protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -111,6 +112,7 @@ class Link:
                 log.warning("hub connection lost or refused: %s", _describe(exc))
             finally:
                 self.connected.clear()
+            cancelled_quietly()
             delay = next(delays)
             log.info("reconnecting in %.1f s (%d records waiting)", delay, self.state.backlog)
             await asyncio.sleep(delay)
@@ -119,7 +121,8 @@ class Link:
         await ws.send(encode_message(Hello(watcher_id=self.watcher_id, protocol=PROTOCOL_VERSION,
                                            software=f"dicomhub-watcher {__version__}",
                                            backlog=self.state.backlog)))
-        reply = _parse(await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT))
+        async with asyncio.timeout(WELCOME_TIMEOUT):
+            reply = _parse(await ws.recv())
         if isinstance(reply, Error):
             raise LinkError(f"hub refused the hello: {reply.message}")
         if not isinstance(reply, Welcome):

@@ -243,7 +243,8 @@ class Watcher:
             deadline = self.settler.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - time.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: see dicomhub.aio
+                    await self._wake.wait()
             self._wake.clear()
             for path, _, _ in self.settler.due(time.time()):
                 if path not in self._queued:
