@@ -1,4 +1,4 @@
-"""The `dicomhub` command: up, hub, watch, keys."""
+"""The `dicomhub` command: up, hub, watch, keys, bench."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
-from . import __version__, keys
+from . import __version__, bench, keys
 from .config import ENV_KEY, Config, WatcherConfig, encryption_key, load
 from .errors import DicomhubError
 from .logs import keep_phi_out
@@ -228,11 +228,16 @@ def _parser() -> argparse.ArgumentParser:
     keys_sub.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
     revoke = keys_sub.add_parser("revoke", parents=[common], help="revoke a key by name")
     revoke.add_argument("name")
+    bench.add_arguments(sub.add_parser(
+        "bench", help="measure throughput, latency, fan-out, reads and memory with "
+                      "real processes; prints a table and writes JSON"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "bench":  # runs its own hubs and watchers; no config of ours
+        return bench.main(args)
     try:
         config = load(getattr(args, "config", None))
         level = getattr(args, "log_level", None) or (
