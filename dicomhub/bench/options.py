@@ -11,7 +11,7 @@ STEPS = ("corpus", "reference", "e2e", "live", "fanout", "reads", "watcher")
 
 @dataclass(frozen=True)
 class Options:
-    files: int = 3000
+    files: int = 10_000
     image_size: int = 256
     clients: int = 200
     live_files: int = 250
