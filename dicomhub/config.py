@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,19 @@ class HubConfig:
 
 
 @dataclass(frozen=True)
+class DicomConfig:
+    """The watcher's DICOM listener (C-ECHO, C-STORE), off unless enabled."""
+
+    enabled: bool = False
+    ae_title: str = "DICOMHUB"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aets: tuple[str, ...] = ()  # empty: any calling AE title
+    store_into: Path | None = None  # None: a "dicom" folder in the first watched folder
+    max_associations: int = 10
+
+
+@dataclass(frozen=True)
 class WatcherConfig:
     hub_url: str = "ws://127.0.0.1:8080/ws/ingest"
     watch: tuple[Path, ...] = (Path("inbox"),)
@@ -62,6 +75,11 @@ class WatcherConfig:
     client_cert: Path | None = None  # for hubs that require client certificates
     client_key: Path | None = None
     encryption_key_env: str = ""  # names the variable holding the outbox key
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+
+    @property
+    def dicom_folder(self) -> Path:
+        return self.dicom.store_into or self.watch[0] / "dicom"
 
 
 @dataclass(frozen=True)
@@ -192,8 +210,41 @@ def _hub(section: _Section) -> HubConfig:
     return hub
 
 
+def _ae_title(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value.strip()) <= 16 or "\\" in value \
+            or not all(" " <= c <= "~" for c in value):
+        raise _fail(key, value, "an AE title is 1 to 16 printable ASCII characters, "
+                                "not only spaces, without a backslash")
+    return value.strip()
+
+
+def _dicom(section: _Section, watch: tuple[Path, ...]) -> DicomConfig:
+    d = DicomConfig()
+    aets = section._get("allowed_calling_aets", [])
+    if not isinstance(aets, list):
+        raise _fail(f"{section.name}.allowed_calling_aets", aets, "expected a list of AE titles")
+    dicom = DicomConfig(
+        enabled=section.boolean("enabled", d.enabled),
+        ae_title=_ae_title(f"{section.name}.ae_title", section._get("ae_title", d.ae_title)),
+        host=section.string("host", d.host),
+        port=section.integer("port", d.port, 0, 65535),
+        allowed_calling_aets=tuple(_ae_title(f"{section.name}.allowed_calling_aets", a)
+                                   for a in aets),
+        store_into=section.path("store_into", None),
+        max_associations=section.integer("max_associations", d.max_associations, 1, 1000),
+    )
+    section.done()
+    if dicom.store_into is not None and not any(
+            dicom.store_into == root or root in dicom.store_into.parents for root in watch):
+        raise _fail(f"{section.name}.store_into", str(dicom.store_into),
+                    "must be a folder inside one of watcher.watch, so that what arrives "
+                    "is indexed")
+    return dicom
+
+
 def _watcher(section: _Section) -> WatcherConfig:
     d = WatcherConfig()
+    dicom_table = section._get("dicom", {})
     url = section.string("hub_url", d.hub_url)
     if not url.startswith(("ws://", "wss://")):
         raise _fail("watcher.hub_url", url, "must start with ws:// or wss://")
@@ -217,6 +268,8 @@ def _watcher(section: _Section) -> WatcherConfig:
         encryption_key_env=section.string("encryption_key_env", ""),
     )
     section.done()
+    watcher = replace(watcher, dicom=_dicom(_Section("watcher.dicom", dicom_table, section.base),
+                                            watcher.watch))
     if watcher.client_key is not None and watcher.client_cert is None:
         raise _fail("watcher.client_key", str(watcher.client_key),
                     "needs watcher.client_cert as well")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-PHI_UNSAFE = ("watchdog", "aiosqlite", "websockets")
+PHI_UNSAFE = ("watchdog", "aiosqlite", "websockets", "pynetdicom")  # pynetdicom dumps data sets
 
 
 def keep_phi_out() -> None:

@@ -193,17 +193,7 @@ def read_file(path: Path | str, root: Path | str, label: str = "", *,
             base: dict[str, Any] = {"path": rel, "size": st.st_size, "mtime": st.st_mtime}
             if st.st_size == 0:
                 return Rejection(reason="empty", detail="the file is empty (0 bytes)", **base)
-            if fast:
-                quick = _quick_record(raw, st.st_size, base)
-                if quick is not None:
-                    return quick
-                raw.seek(0)
-            strict = _strict_items.set(True)
-            try:
-                with _BoundedReader(raw, st.st_size) as fp:
-                    return _read_open(fp, base, fast)
-            finally:
-                _strict_items.reset(strict)
+            return _read_stream(raw, st.st_size, base, fast)
     except FileNotFoundError:
         if not os.path.islink(path):
             return None  # vanished before we could read it: nothing to report
@@ -313,6 +303,34 @@ def _check_inflated_size(deflated: bytes) -> None:
                     return
         except zlib.error:
             return
+
+
+def read_bytes(data: bytes, path: Path | str, root: Path | str, label: str = "",
+               mtime: float = 0.0) -> InstanceRecord | Rejection:
+    """read_file for a file's content already in memory (one a DICOM peer sent),
+    to be stored at `path`: the same outcome, without reading it back."""
+    base: dict[str, Any] = {"path": display_path(path, root, label), "size": len(data),
+                            "mtime": mtime}
+    if not data:
+        return Rejection(reason="empty", detail="the file is empty (0 bytes)", **base)
+    stream = io.BytesIO(data)
+    stream.name = os.fspath(path)  # pydicom names the file in some messages
+    return _read_stream(stream, len(data), base, True)
+
+
+def _read_stream(raw: Any, size: int, base: dict[str, Any],
+                 fast: bool) -> InstanceRecord | Rejection:
+    if fast:
+        quick = _quick_record(raw, size, base)
+        if quick is not None:
+            return quick
+        raw.seek(0)
+    strict = _strict_items.set(True)
+    try:
+        with _BoundedReader(raw, size) as fp:
+            return _read_open(fp, base, fast)
+    finally:
+        _strict_items.reset(strict)
 
 
 def _stat_or_zero(path: Path) -> tuple[int, float]:

@@ -36,6 +36,7 @@ from . import reader
 from .backoff import backoff
 from .events import Change, start_observer
 from .link import Link, client_ssl
+from .listener import Listener
 from .settle import Settler
 from .state import Outcome, State, StateError
 
@@ -83,6 +84,7 @@ class Watcher:
         self.scanned = asyncio.Event()  # set once the start-up scan has been queued
         self.observer: BaseObserver | None = None
         self.rescans = 0  # reconciliation walks completed
+        self.listener: Listener | None = None
         self.parsed = 0
 
     # entry point ----------------------------------------------------------------
@@ -108,6 +110,9 @@ class Watcher:
             loop = asyncio.get_running_loop()
             await asyncio.gather(*(loop.run_in_executor(pool, reader.warm_up)
                                    for _ in range(self.workers)))
+            if self.config.dicom.enabled:
+                self.listener = self._listener(loop)
+                await asyncio.to_thread(self.listener.start)
             observer = self.observer = start_observer(
                 self.roots, self._on_change, polling=self.config.polling,
                 poll_interval=self.config.poll_interval)
@@ -128,6 +133,8 @@ class Watcher:
             for task in done:
                 task.result()
         finally:
+            if self.listener is not None:
+                await asyncio.to_thread(self.listener.stop)
             if observer is not None:
                 observer.stop()
             for task in tasks:
@@ -144,6 +151,19 @@ class Watcher:
             log.info("stopping: parsed %d files this run; %d records wait for the hub",
                      self.parsed, self.state.backlog)
             await self.state.close()
+
+    def _listener(self, loop: asyncio.AbstractEventLoop) -> Listener:
+        folder = Path(self.config.dicom_folder).resolve()
+        root = self._root_of(str(folder))
+        assert root is not None, "config checks that store_into is in a watched folder"
+        label = root.name if len(self.roots) > 1 else ""
+
+        async def commit(outcome: Outcome) -> None:
+            await self.state.put([outcome])
+            assert self.link is not None
+            self.link.wake()
+
+        return Listener(self.config.dicom, folder, root, label, loop, commit)
 
     async def _rescan_loop(self) -> None:
         """Walk the folders again now and then: kernel events can be lost (an inotify
@@ -191,6 +211,8 @@ class Watcher:
         root = self._root_of(change.path)
         if root is None or self._skipped(change.path, root):
             return
+        if self.listener is not None and self.listener.busy(change.path):
+            return  # received over DICOM: its record is being committed already
         if change.kind == "gone":
             self.settler.forget(change.path)
         elif change.kind == "dir":
