@@ -225,4 +225,6 @@ async def test_a_watcher_killed_right_after_success_still_indexes_the_instance(
         await wait_for(indexed, "the acknowledged instance to be indexed")
     assert await second.stop() == 0
     log = (tmp_path / "watcher2.log").read_text()
-    assert re.search(r"parsed 0 files this run", log)  # nothing read back from disk
+    # Its record reached the outbox before the kill (nothing to read back), or the
+    # start-up walk found the file, durable before success was answered, and read it.
+    assert re.search(r"parsed [01] files this run", log)

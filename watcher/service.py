@@ -158,12 +158,11 @@ class Watcher:
         assert root is not None, "config checks that store_into is in a watched folder"
         label = root.name if len(self.roots) > 1 else ""
 
-        async def commit(outcome: Outcome) -> None:
-            await self.state.put([outcome])
-            assert self.link is not None
-            self.link.wake()
+        def accept(outcome: Outcome) -> None:
+            self._results.append(outcome)
+            self._results_ready.set()
 
-        return Listener(self.config.dicom, folder, root, label, loop, commit)
+        return Listener(self.config.dicom, folder, root, label, loop, accept)
 
     async def _rescan_loop(self) -> None:
         """Walk the folders again now and then: kernel events can be lost (an inotify
