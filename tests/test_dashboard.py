@@ -9,6 +9,7 @@ Policy violations fail the test that caused them.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -426,3 +427,34 @@ async def test_search_and_screenshot(tmp_path: Path, run_watcher, browser) -> No
         if running is not None:
             await running.stop()
         await hub.stop()
+
+
+async def test_a_study_sent_by_storescu_appears_live(hub: RunningHub, run_watcher, browser,
+                                                     tmp_path: Path) -> None:
+    """A modality, simulated by dcmtk's storescu, sends a study over DICOM."""
+    import shutil
+    import subprocess
+
+    from dicomhub.config import DicomConfig
+
+    storescu = shutil.which("storescu")
+    if storescu is None:
+        pytest.skip("dcmtk's storescu is not installed (apt-get install dcmtk; CI does)")
+    running = await run_watcher(hub, dicom=DicomConfig(enabled=True, port=0))
+    dashboard = await logged_in(browser, hub)
+    study = tmp_path / "modality"
+    for n in range(12):
+        write(study, f"{n}.dcm", f"1.2.99.7.{n % 2 + 1}", study="1.2.99.7",
+              InstanceNumber=n, Modality="MR", SeriesDescription=f"Sequence {n % 2 + 1}")
+    sent = await asyncio.to_thread(
+        subprocess.run, [storescu, "-aet", "MRI1", "-aec", "DICOMHUB", "+sd",
+                         "127.0.0.1", str(running.watcher.listener.port), str(study)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "TCP_NODELAY": "1"})
+    assert sent.returncode == 0, sent.stderr
+    for series in ("1.2.99.7.1", "1.2.99.7.2"):
+        await expect(dashboard.series(series).locator(".count")).to_have_text("6")
+        await expect(dashboard.series(series).locator(".modality")).to_have_text("MR")
+    header = dashboard.page.locator('tr.study[data-study-uid="1.2.99.7"]')
+    await expect(header.locator(".study-count")).to_have_text("2 series · 12 instances")
+    await dashboard.assert_not_reloaded()
+    dashboard.check()
