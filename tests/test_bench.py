@@ -27,7 +27,7 @@ from dicomhub.bench.machine import file_system
 from dicomhub.bench.options import STEPS
 
 TINY = ["--files", "40", "--clients", "3", "--live-files", "10", "--live-rate", "20",
-        "--series-db", "300", "--watcher-files", "300"]
+        "--series-db", "300", "--watcher-files", "300", "--cstore-files", "20"]
 # The figures each step must report as positive numbers.
 POSITIVE = {
     "corpus": ("files", "series", "mean_file_kib", "written_files_per_second"),
@@ -40,6 +40,7 @@ POSITIVE = {
               "series_by_patient_p50_ms", "series_by_patient_p99_ms"),
     "watcher": ("files", "files_per_second", "main_peak_rss_mib", "parser_peak_rss_mib",
                 "parsers"),
+    "cstore": ("files", "files_per_second"),
 }
 
 
@@ -72,12 +73,13 @@ def test_a_tiny_run_measures_every_step_and_cleans_up(tmp_path: Path) -> None:
     assert len(report["targets"]) == 8
     assert all(t["pass"] in (True, False) for t in report["targets"])
     assert "ratio_to_reference" in result.stdout and "result" in result.stdout
-    assert "7/7 watcher" in result.stderr  # progress goes to stderr
+    assert "7/8 watcher" in result.stderr  # progress goes to stderr
+    assert steps["cstore"]["details"]["sender"] in ("storescu", "pynetdicom")
     assert [p.name for p in tmp_path.iterdir()] == ["figures.json"]  # work folder gone
 
 
 def test_a_failing_step_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
-    result = bench("--skip", "corpus", "live", "fanout", "reads", "watcher",
+    result = bench("--skip", "corpus", "live", "fanout", "reads", "watcher", "cstore",
                    "--dir", "work", cwd=tmp_path)
     assert result.returncode == 1
     steps = json.loads((tmp_path / "bench.json").read_text())["steps"]

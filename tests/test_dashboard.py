@@ -432,12 +432,13 @@ async def test_search_and_screenshot(tmp_path: Path, run_watcher, browser) -> No
 async def test_a_study_sent_by_storescu_appears_live(hub: RunningHub, run_watcher, browser,
                                                      tmp_path: Path) -> None:
     """A modality, simulated by dcmtk's storescu, sends a study over DICOM."""
-    import shutil
     import subprocess
 
     from dicomhub.config import DicomConfig
 
-    storescu = shutil.which("storescu")
+    from dicomhub.bench.cstore import dcmtk_storescu
+
+    storescu = dcmtk_storescu()
     if storescu is None:
         pytest.skip("dcmtk's storescu is not installed (apt-get install dcmtk; CI does)")
     running = await run_watcher(hub, dicom=DicomConfig(enabled=True, port=0))

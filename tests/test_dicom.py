@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -121,7 +120,9 @@ async def test_echo_and_unknown_calling_ae_titles(listening: Any) -> None:
 
 
 def storescu() -> str:
-    path = shutil.which("storescu")
+    from dicomhub.bench.cstore import dcmtk_storescu
+
+    path = dcmtk_storescu()
     if path is None:
         pytest.skip("dcmtk's storescu is not installed (apt-get install dcmtk; CI does)")
     return path

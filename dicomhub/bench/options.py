@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-STEPS = ("corpus", "reference", "e2e", "live", "fanout", "reads", "watcher")
+STEPS = ("corpus", "reference", "e2e", "live", "fanout", "reads", "watcher", "cstore")
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class Options:
     live_rate: float = 50.0
     series_db: int = 100_000
     watcher_files: int = 100_000
+    cstore_files: int = 1000
     json: Path = Path("bench.json")
     dir: Path | None = None
     keep: bool = False
@@ -61,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watcher-files", type=_positive, default=d.watcher_files,
                         metavar="N", help=f"files already waiting when the watcher of the "
                                           f"memory step starts (default {d.watcher_files})")
+    parser.add_argument("--cstore-files", type=_positive, default=d.cstore_files,
+                        metavar="N", help=f"files sent over DICOM in the C-STORE step "
+                                          f"(default {d.cstore_files})")
     parser.add_argument("--json", type=Path, default=d.json, metavar="PATH",
                         help=f"where to write the figures (default {d.json})")
     parser.add_argument("--dir", type=Path, default=None, metavar="PATH",
@@ -75,4 +79,5 @@ def from_namespace(args: argparse.Namespace) -> Options:
     return Options(files=args.files, image_size=args.image_size, clients=args.clients,
                    live_files=args.live_files, live_rate=args.live_rate,
                    series_db=args.series_db, watcher_files=args.watcher_files,
-                   json=args.json, dir=args.dir, keep=args.keep, skip=tuple(args.skip))
+                   cstore_files=args.cstore_files, json=args.json, dir=args.dir,
+                   keep=args.keep, skip=tuple(args.skip))

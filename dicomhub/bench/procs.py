@@ -149,7 +149,8 @@ def write_hub_config(folder: Path) -> Path:
     return path
 
 
-def write_watcher_config(folder: Path, hub_url: str, settle: float | None) -> Path:
+def write_watcher_config(folder: Path, hub_url: str, settle: float | None,
+                         extra: str = "") -> Path:
     """A watcher on `folder/inbox`; `settle` None keeps the default."""
     path = folder / "watcher.toml"
     ws_url = hub_url.replace("http", "ws", 1) + "/ws/ingest"
@@ -164,7 +165,7 @@ def write_watcher_config(folder: Path, hub_url: str, settle: float | None) -> Pa
         """)
     if settle is not None:
         text += f"settle = {settle}\n"
-    path.write_text(text)
+    path.write_text(text + extra)
     return path
 
 
@@ -208,10 +209,10 @@ async def start_hub(services: Services, folder: Path, name: str = "hub") -> Hub:
 
 
 async def start_watcher(services: Services, hub: Hub, settle: float | None = None,
-                        name: str = "watcher") -> Service:
+                        name: str = "watcher", extra: str = "") -> Service:
     """A watcher process on `hub.folder/inbox`; returns once the hub sees it connected
     (its folders are then watched: it starts watching before it connects)."""
-    config = write_watcher_config(hub.folder, hub.url, settle)
+    config = write_watcher_config(hub.folder, hub.url, settle, extra)
     service = await services.start(name, ["watch", "--config", str(config)], hub.folder,
                                    env={"DICOMHUB_KEY": hub.ingest_key})
     async with aiohttp.ClientSession() as session:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .context import Context, StepOutput
+from .cstore import cstore
 from .figures import render, rows, verdicts
 from .ingest import e2e, fanout, make_corpus, reference
 from .latency import live
@@ -38,6 +39,7 @@ PLAN: dict[str, tuple[str, Step]] = {
     "fanout": ("many live clients while a fresh corpus is ingested", fanout),
     "reads": ("/api/series against a large database", reads),
     "watcher": ("watcher memory on a folder of many waiting files", watcher_memory),
+    "cstore": ("instances sent over DICOM to the watcher's listener", cstore),
 }
 assert tuple(PLAN) == STEPS
 

@@ -1,0 +1,101 @@
+"""Step 8: instances sent over DICOM (C-STORE) to the watcher's listener, over one
+association, by dcmtk's storescu when installed (else by pynetdicom): files/s
+from the first byte sent until the sender has heard every response."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from . import corpus
+from .context import Context, StepOutput, wait_instances, write_corpus
+from .procs import Api, BenchError, start_hub, start_watcher
+
+SEND_TIMEOUT = 600.0
+
+
+async def cstore(ctx: Context) -> StepOutput:
+    count = ctx.options.cstore_files
+    folder = ctx.work / "cstore"
+    spec = corpus.Spec(corpus.new_root(), count, 10, ctx.options.image_size)
+    written = write_corpus(folder / "outgoing", spec)
+    port = _free_port()
+    hub = await start_hub(ctx.services, folder)
+    watcher = await start_watcher(ctx.services, hub, extra=(
+        f"[watcher.dicom]\nenabled = true\nport = {port}\n"))
+    storescu = dcmtk_storescu()
+    sender = "storescu" if storescu else "pynetdicom"
+    ctx.say(f"sending {count} files over one association with {sender}")
+    started = time.perf_counter()
+    if storescu:
+        await _storescu(storescu, written.folder, port)
+    else:
+        await asyncio.to_thread(_pynetdicom, written.paths, port)
+    seconds = time.perf_counter() - started
+    async with ctx.session() as http:
+        await wait_instances(Api(http, hub.url, hub.read_key), count,
+                             [hub.service, watcher], 0.05)
+    return ({"files": count, "files_per_second": round(count / seconds)},
+            {"sender": sender, "seconds": round(seconds, 3), "mean_file_kib": round(
+                sum(p.stat().st_size for p in written.paths) / count / 1024, 1),
+             "orthanc": "not measured: Orthanc is not part of this benchmark run"})
+
+
+def dcmtk_storescu() -> str | None:
+    """dcmtk's storescu on PATH, passing over pynetdicom's program of the same name
+    (a virtualenv's bin folder holds one)."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = shutil.which("storescu", path=folder)
+        if candidate is None:
+            continue
+        try:
+            version = subprocess.run([candidate, "--version"], capture_output=True,
+                                     text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if "dcmtk" in version:
+            return candidate
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def _storescu(program: str, folder: Path, port: int) -> None:
+    # dcmtk leaves Nagle's algorithm on unless told otherwise (see the README).
+    process = await asyncio.create_subprocess_exec(
+        program, "-aet", "BENCH", "-aec", "DICOMHUB", "+sd", "+r", "127.0.0.1",
+        str(port), str(folder), stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "TCP_NODELAY": "1"})
+    _, err = await asyncio.wait_for(process.communicate(), SEND_TIMEOUT)
+    if process.returncode != 0:
+        raise BenchError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+
+
+def _pynetdicom(paths: list[Path], port: int) -> None:
+    from pydicom import dcmread
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    from watcher.listener import no_delay
+
+    ae = AE(ae_title="BENCH")
+    ae.requested_contexts = StoragePresentationContexts[:120]
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMHUB",
+                         evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])
+    if not assoc.is_established:
+        raise BenchError("the listener refused the association")
+    try:
+        for path in paths:
+            status = assoc.send_c_store(dcmread(path))
+            if int(getattr(status, "Status", -1)) != 0:
+                raise BenchError(f"C-STORE of {path.name} failed: {status}")
+    finally:
+        assoc.release()
