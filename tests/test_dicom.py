@@ -106,7 +106,9 @@ async def test_five_hundred_instances_arrive_whole_and_are_indexed_once(
         path = folder / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
         implicit = pydicom.dcmread(path).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
         assert data_set_bytes(path) == encode(ds, implicit, True)  # as sent, byte for byte
-    assert not list((folder / ".incoming").iterdir())  # no temporary file left
+    incoming = listening.watcher.listener.incoming
+    assert not list(incoming.iterdir())  # no temporary file left
+    assert listening.inbox not in incoming.parents  # written outside the watched tree
     # Sending again is harmless: same files, same records, counted once.
     assert await asyncio.to_thread(send, port, datasets[:20]) == [0] * 20
     stats = await api.get("/api/stats")
@@ -177,7 +179,7 @@ async def test_a_sender_killed_mid_association_loses_only_what_was_not_acknowled
     await wait_for(delivered, "every acknowledged instance to be indexed")
     stored = (await api.get("/api/stats"))["instances"]
     assert acknowledged <= stored <= acknowledged + 1
-    assert not list((listening.inbox / "dicom" / ".incoming").iterdir())
+    assert not list(listening.watcher.listener.incoming.iterdir())
 
 
 def free_port() -> int:

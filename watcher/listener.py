@@ -2,7 +2,7 @@
 
 Scanners and archives that cannot write to a share send over the DICOM network
 protocol. What they send keeps the folder's promise: each instance is written
-under a temporary name, synced, renamed into
+under a temporary name outside the watched tree, synced, renamed into
 ``store_into/<Study UID>/<Series UID>/<SOP Instance UID>.dcm``, and its record
 handed to the outbox, all before the C-STORE response says success. A peer
 that hears success can forget the instance; until then, nothing is promised
@@ -46,8 +46,11 @@ POLL_DELAY = 0.0002
 
 class Listener:
     def __init__(self, config: DicomConfig, folder: Path, root: Path, label: str,
-                 loop: asyncio.AbstractEventLoop, accept: Callable[[Outcome], None]) -> None:
+                 loop: asyncio.AbstractEventLoop, accept: Callable[[Outcome], None],
+                 scratch: Path | None = None) -> None:
         self.config, self.folder, self.root, self.label = config, folder, root, label
+        self.scratch = scratch  # a folder for temporary files, outside the watched tree
+        self.incoming = folder / INCOMING
         self.loop, self.accept = loop, accept
         self.received = 0
         self.in_flight: set[str] = set()  # paths being written: not for the watcher's parsers
@@ -63,7 +66,7 @@ class Listener:
         ae.maximum_associations = self.config.max_associations
         ae.require_calling_aet = list(self.config.allowed_calling_aets)
         ae.maximum_pdu_size = 0  # no limit: large PDUs cost fewer round trips
-        (self.folder / INCOMING).mkdir(parents=True, exist_ok=True)
+        self.incoming = _incoming(self.folder, self.scratch)
         self._server = ae.start_server(
             (self.config.host, self.config.port), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store),
@@ -108,7 +111,7 @@ class Listener:
             self.in_flight.add(str(final))
         try:
             try:
-                st = _write_atomically(final, self.folder / INCOMING, data)
+                st = _write_atomically(final, self.incoming, data)
             except OSError as exc:
                 log.error("C-STORE from %s refused: cannot write %s: %s", _peer(event),
                           final, exc.strerror or exc)
@@ -125,6 +128,21 @@ class Listener:
                 self.in_flight.discard(str(final))
         self.received += 1
         return SUCCESS
+
+
+def _incoming(folder: Path, scratch: Path | None) -> Path:
+    """Where instances are written before the rename: `scratch` (the watcher's state
+    folder) when it is on the same file system, so that the rename stays atomic and
+    the writes raise no file events in the watched tree; else a hidden folder there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if scratch is not None:
+        candidate = scratch / "incoming"
+        candidate.mkdir(parents=True, exist_ok=True)
+        if os.stat(candidate).st_dev == os.stat(folder).st_dev:
+            return candidate
+    hidden = folder / INCOMING
+    hidden.mkdir(exist_ok=True)
+    return hidden
 
 
 def _with_file(record: InstanceRecord, path: str, size: int, mtime: float) -> InstanceRecord:

@@ -162,7 +162,8 @@ class Watcher:
             self._results.append(outcome)
             self._results_ready.set()
 
-        return Listener(self.config.dicom, folder, root, label, loop, accept)
+        return Listener(self.config.dicom, folder, root, label, loop, accept,
+                        scratch=Path(self.config.state_dir).resolve())
 
     async def _rescan_loop(self) -> None:
         """Walk the folders again now and then: kernel events can be lost (an inotify
