@@ -231,3 +231,20 @@ async def test_a_watcher_killed_right_after_success_still_indexes_the_instance(
     # Its record reached the outbox before the kill (nothing to read back), or the
     # start-up walk found the file, durable before success was answered, and read it.
     assert re.search(r"parsed [01] files this run", log)
+
+
+async def test_a_busy_dicom_port_is_one_clear_line(tmp_path: Path) -> None:
+    from procs import run_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "watcher.toml").write_text(
+            f'[watcher]\nkey_file = ""\n[watcher.dicom]\nenabled = true\nport = {port}\n')
+        result = run_cli("watch", "--config", "watcher.toml", cwd=tmp_path,
+                         env={"DICOMHUB_KEY": "dhk_" + "a" * 43})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert f"cannot listen for DICOM on 127.0.0.1:{port}" in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr

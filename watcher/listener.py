@@ -29,6 +29,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomhub.config import DicomConfig
+from dicomhub.errors import DicomhubError
 from dicomhub.protocol import InstanceRecord, record_text
 
 from . import reader
@@ -67,10 +68,16 @@ class Listener:
         ae.require_calling_aet = list(self.config.allowed_calling_aets)
         ae.maximum_pdu_size = 0  # no limit: large PDUs cost fewer round trips
         self.incoming = _incoming(self.folder, self.scratch)
-        self._server = ae.start_server(
-            (self.config.host, self.config.port), block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store),
-                          (evt.EVT_CONN_OPEN, no_delay)])
+        try:
+            self._server = ae.start_server(
+                (self.config.host, self.config.port), block=False,
+                evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                              (evt.EVT_CONN_OPEN, no_delay)])
+        except OSError as exc:
+            raise DicomhubError(
+                f"cannot listen for DICOM on {self.config.host}:{self.config.port}: "
+                f"{exc.strerror or exc}; choose another [watcher.dicom] port or stop "
+                "what uses it") from None
         log.info("DICOM listener %s on %s:%d, storing into %s", self.config.ae_title,
                  self.config.host, self.port, self.folder)
 
@@ -126,7 +133,8 @@ class Listener:
         finally:
             with self._lock:
                 self.in_flight.discard(str(final))
-        self.received += 1
+        with self._lock:
+            self.received += 1
         return SUCCESS
 
 
