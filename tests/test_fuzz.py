@@ -65,6 +65,8 @@ _KNOWN_TAGS = (0x00020000, 0x00020010, 0x00080005, 0x00080016, 0x00080018, 0x002
                0x0020000E, 0x00100010, 0x00280010, 0x7FE00010, 0xFFFEE000, 0xFFFEE00D,
                0xFFFEE0DD)
 
+pytestmark = pytest.mark.fault  # malformed files at scale: a fault test too
+
 
 # Seeds -----------------------------------------------------------------------------
 

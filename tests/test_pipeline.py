@@ -118,6 +118,7 @@ async def test_bad_files_become_rejections_and_heal_when_fixed(hub: RunningHub, 
     assert {i["sop_instance_uid"] for i in detail["instances"]} == {ds.SOPInstanceUID}
 
 
+@pytest.mark.fault
 async def test_slow_writer_is_read_once_when_complete(hub: RunningHub, api: Api,
                                                       run_watcher, tmp_path: Path) -> None:
     running = await run_watcher(hub, settle=2.0)
@@ -137,6 +138,7 @@ async def test_slow_writer_is_read_once_when_complete(hub: RunningHub, api: Api,
     assert detail["instances"][0]["size"] == len(data)
 
 
+@pytest.mark.fault
 async def test_temporary_and_hidden_names_wait_for_the_rename(hub: RunningHub, api: Api,
                                                               run_watcher) -> None:
     running = await run_watcher(hub)
@@ -156,6 +158,7 @@ async def test_temporary_and_hidden_names_wait_for_the_rename(hub: RunningHub, a
     assert (await api.get(f"/api/series/{ds.SeriesInstanceUID}"))["instance_count"] == 1
 
 
+@pytest.mark.fault
 async def test_restart_sends_nothing_twice_and_finds_new_files(hub: RunningHub, api: Api,
                                                                run_watcher) -> None:
     first = await run_watcher(hub, watcher_id="same")
@@ -170,6 +173,7 @@ async def test_restart_sends_nothing_twice_and_finds_new_files(hub: RunningHub, 
     assert (await api.get("/api/series/1.2.99"))["instance_count"] == 6
 
 
+@pytest.mark.fault
 async def test_hub_down_during_ingest_loses_and_doubles_nothing(tmp_path: Path, http,
                                                                 run_watcher) -> None:
     hub = await start_hub(tmp_path)
@@ -269,6 +273,7 @@ async def test_several_roots_keep_their_paths_apart(hub: RunningHub, api: Api, r
     assert [r["path"] for r in await api.all("/api/rejections")] == ["site-b/junk.dcm"]
 
 
+@pytest.mark.fault
 async def test_polling_mode_finds_files_without_kernel_events(hub: RunningHub, api: Api,
                                                               run_watcher) -> None:
     running = await run_watcher(hub, polling=True, poll_interval=0.2)
@@ -277,6 +282,7 @@ async def test_polling_mode_finds_files_without_kernel_events(hub: RunningHub, a
     assert (await api.get(f"/api/series/{ds.SeriesInstanceUID}"))["instance_count"] == 1
 
 
+@pytest.mark.fault
 async def test_symlink_loops_and_dangling_links_are_reported_not_followed(
         hub: RunningHub, api: Api, run_watcher, tmp_path: Path) -> None:
     inbox = tmp_path / "inbox-links"
@@ -325,6 +331,7 @@ async def test_logs_never_hold_patient_names_or_ids(hub: RunningHub, api: Api, r
     assert leaks == []
 
 
+@pytest.mark.fault
 async def test_reconciliation_finds_files_the_events_missed(hub: RunningHub, api: Api,
                                                             run_watcher) -> None:
     running = await run_watcher(hub, rescan_interval=0.3)
@@ -343,6 +350,7 @@ async def test_reconciliation_finds_files_the_events_missed(hub: RunningHub, api
     assert running.watcher.parsed == parsed  # they re-read nothing already delivered
 
 
+@pytest.mark.fault
 async def test_a_file_replaced_by_another_is_read_again(hub: RunningHub, api: Api,
                                                         run_watcher) -> None:
     running = await run_watcher(hub)
@@ -365,6 +373,7 @@ async def test_a_file_replaced_by_another_is_read_again(hub: RunningHub, api: Ap
         first.SOPInstanceUID, second.SOPInstanceUID}
 
 
+@pytest.mark.fault
 async def test_a_file_deleted_right_after_it_appears_leaves_no_trace(hub: RunningHub, api: Api,
                                                                      run_watcher) -> None:
     running = await run_watcher(hub, settle=0.5)
@@ -383,6 +392,7 @@ async def _has_instance(api: Api, series_uid: str) -> bool:
                  if s["series_instance_uid"] == series_uid])
 
 
+@pytest.mark.fault
 async def test_a_large_folder_streams_through_a_bounded_queue(
         hub: RunningHub, api: Api, run_watcher, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -421,6 +431,7 @@ async def test_a_large_folder_streams_through_a_bounded_queue(
     assert 0 < peak < 30, peak
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("polling", [False, True])
 async def test_a_folder_moved_in_whole_is_indexed(hub: RunningHub, api: Api, run_watcher,
                                                   tmp_path: Path, polling: bool) -> None:
