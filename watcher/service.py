@@ -327,6 +327,7 @@ class Watcher:
         the outbox already stored stays intact and keeps draining to the hub."""
         assert self.link is not None
         retries = None
+        last_error = ""
         while True:
             await self._results_ready.wait()
             self._results_ready.clear()
@@ -339,9 +340,13 @@ class Watcher:
                 if retries is None:
                     self._state_failing = True
                     retries = backoff(initial=1.0, cap=STATE_RETRY_MAX)
+                    last_error = str(exc)
                     log.error("%s; reading new files is paused and the write is retried "
                               "until it succeeds; the outbox already stored is kept and "
                               "still sent", exc)
+                elif str(exc) != last_error:
+                    last_error = str(exc)
+                    log.warning("still failing, now: %s", exc)
                 await asyncio.sleep(next(retries))
                 self._results_ready.set()
                 continue

@@ -15,7 +15,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +68,7 @@ class State:
         self._db = SQLiteThread("watcher-state")
         self._lock_fd: int | None = None
         self.backlog = 0
+        self._uncertain = False  # a write failed: recount the backlog with the next
 
     async def open(self) -> None:
         try:
@@ -138,13 +139,32 @@ class State:
                     con.execute("DELETE FROM delivered WHERE path = ?", (outcome.path,))
             return len(rows)
 
+        added, count = await self._write(run)
+        self.backlog = self.backlog + added if count is None else count
+        return added
+
+    async def _write(self, run: Callable[[sqlite3.Connection], int]
+                     ) -> tuple[int, int | None]:
+        """Run a write transaction: its result, and the outbox's size when it had to
+        be counted. After a failed write it is counted with the next that succeeds:
+        on a full disk SQLite can report an error for a commit that did reach the
+        file, so the count kept in memory may be off."""
+        recount = self._uncertain
+
+        def write(con: sqlite3.Connection) -> tuple[int, int | None]:
+            result = run(con)
+            count = con.execute("SELECT count(*) FROM outbox").fetchone()[0] if recount \
+                else None
+            return result, count
+
         try:
-            added = await self._db.transaction(run)
+            result, count = await self._db.transaction(write)
         except DB_ERRORS as exc:
+            self._uncertain = True
             raise StateError(f"cannot write to the state folder {str(self.folder)!r}: "
                              f"{exc}{_diagnosis(self.folder)}") from None
-        self.backlog += added
-        return added
+        self._uncertain = False
+        return result, count
 
     async def pending(self, after_id: int, limit: int) -> list[tuple[int, str]]:
         """Outbox rows after `after_id`, oldest first, as (id, record JSON)."""
@@ -162,12 +182,8 @@ class State:
             return con.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?",
                                (first_id, last_id)).rowcount
 
-        try:
-            removed = await self._db.transaction(run)
-        except DB_ERRORS as exc:
-            raise StateError(f"cannot write to the state folder {str(self.folder)!r}: "
-                             f"{exc}{_diagnosis(self.folder)}") from None
-        self.backlog -= removed
+        removed, count = await self._write(run)
+        self.backlog = self.backlog - removed if count is None else count
         return removed
 
 
