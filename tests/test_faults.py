@@ -244,11 +244,13 @@ async def test_a_burst_of_ten_thousand_files_streams_through(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs for the watcher's state folder, so the test can fill it for real.
+    """A 32 MiB tmpfs for the watcher's state folder, so the test can fill it for real.
     Mounting needs root (CI runs as root)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+    # Room for SQLite's write-ahead log, which grows to 4 MiB (1,000 pages) before its
+    # first checkpoint: a smaller disk could fill before the test fills it.
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
@@ -259,15 +261,16 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(folder: Path) -> Path:
-    """Write a ballast file until the file system is full."""
+    """Write a ballast file until the file system is full (it may be full already:
+    the watcher's SQLite files grow too)."""
     ballast = folder / "ballast"
-    with ballast.open("wb") as fh:
-        try:
+    try:
+        with ballast.open("wb") as fh:
             while True:
                 fh.write(b"\0" * 65536)
                 fh.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
     with contextlib.suppress(OSError):
         ballast.with_name("crumbs").write_bytes(b"\0" * 4096)  # the last partial page
     return ballast
@@ -294,8 +297,10 @@ async def test_a_full_state_folder_pauses_reading_and_loses_nothing(
         assert "database or disk is full" in error.group(0)
         assert "Traceback" not in watcher.log.read_text()
         assert watcher.proc.returncode is None
-        assert (await api.get("/api/stats"))["instances"] == 200  # what was stored, stays
-        ballast.unlink()
+        # What was stored stays. (SQLite may still fill space its files already hold,
+        # so some of the new files can get through before the error.)
+        assert (await api.get("/api/stats"))["instances"] >= 200
+        ballast.unlink(missing_ok=True)
         ballast.with_name("crumbs").unlink(missing_ok=True)
 
         async def indexed() -> bool:
