@@ -518,8 +518,7 @@ def _fast_uid(ds: Dataset, tag: int) -> str | None:
     raw = _raw(ds, tag)
     if raw is None:
         return None
-    # split bytes, once: a damaged length can make a "UID" of megabytes
-    return _clean(raw.split(b"\\", 1)[0].decode("latin-1").strip("\x00 "))[:128]
+    return _uid_text(raw)
 
 
 def _fast_integer(ds: Dataset, tag: int) -> int | None | object:
@@ -535,9 +534,13 @@ def _fast_integer(ds: Dataset, tag: int) -> int | None | object:
         if len(raw) < 2 or len(raw) % 2 or not isinstance(elem, RawDataElement):
             return _SLOW
         return int.from_bytes(raw[:2], "little" if elem.is_little_endian else "big")
-    text = raw.split(b"\\", 1)[0].decode("latin-1").strip(" \x00")
+    return _integer_string(raw)
+
+
+def _integer_string(raw: bytes) -> int | None:
+    """The first value of a raw IS element; None when empty or not a whole number."""
     try:
-        return _whole_number(text)
+        return _whole_number(raw.split(b"\\", 1)[0].decode("latin-1").strip(" \x00"))
     except ValueError:
         return None
 
@@ -815,6 +818,7 @@ def _quick_parse(data: bytes, size: int, base: dict[str, Any]) -> InstanceRecord
 
 
 def _uid_text(raw: bytes) -> str:
+    # split bytes, once: a damaged length can make a "UID" of megabytes
     return _clean(raw.split(b"\\", 1)[0].decode("latin-1").strip("\x00 "))[:128]
 
 
@@ -844,11 +848,7 @@ def _quick_values(values: dict[int, bytes], media_class: str, syntax: str,
                 raise _Decline
             fields[name] = int.from_bytes(raw[:2], "little")
         else:
-            try:
-                fields[name] = _whole_number(raw.split(b"\\", 1)[0].decode("latin-1")
-                                             .strip(" \x00"))
-            except ValueError:
-                fields[name] = None
+            fields[name] = _integer_string(raw)
     if not fields["sop_class_uid"]:
         fields["sop_class_uid"] = media_class
     fields["transfer_syntax_uid"] = syntax
