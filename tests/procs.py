@@ -105,6 +105,18 @@ async def hub_with_keys(tmp_path: Path, services: list[Service],
     return hub, url, ingest.stdout.strip(), read.stdout.strip()
 
 
+async def restart_hub(tmp_path: Path, services: list[Service], url: str,
+                      name: str) -> Service:
+    """The hub again, on the port the watcher knows."""
+    port = url.rsplit(":", 1)[1]
+    (tmp_path / "restart.toml").write_text(
+        (tmp_path / "config.toml").read_text().replace("port = 0", f"port = {port}"))
+    hub = await Service.start("hub", "--config", "restart.toml", cwd=tmp_path, name=name)
+    services.append(hub)
+    await hub.read_until(r"listening on")
+    return hub
+
+
 def peak_rss_mb(pid: int) -> float:
     """The process's peak resident memory so far (VmHWM), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

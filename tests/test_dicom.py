@@ -26,7 +26,7 @@ import factory
 from conftest import TIMEOUT, Api, RunningHub, wait_for
 from dicomhub.config import DicomConfig
 from watcher.listener import no_delay
-from procs import Service, hub_with_keys
+from procs import Service, hub_with_keys, restart_hub
 
 pytestmark = pytest.mark.asyncio
 
@@ -213,11 +213,7 @@ async def test_a_watcher_killed_right_after_success_still_indexes_the_instance(
     ds = instance(0, 1, "1.2.826.0.1.3680043.8.1055.12")
     assert await asyncio.to_thread(send, port, [ds]) == [0]
     assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
-    (tmp_path / "restart.toml").write_text((tmp_path / "config.toml").read_text().replace(
-        "port = 0", f"port = {url.rsplit(':', 1)[1]}"))
-    hub = await Service.start("hub", "--config", "restart.toml", cwd=tmp_path, name="hub2")
-    services.append(hub)
-    await hub.read_until(r"listening on")
+    hub = await restart_hub(tmp_path, services, url, "hub2")
     second = await start("watcher2")
     async with aiohttp.ClientSession() as http:
         api = Api(http, url, read_key)

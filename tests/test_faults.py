@@ -32,6 +32,7 @@ from procs import (
     hub_with_keys,
     outbox_size,
     peak_rss_mb,
+    restart_hub,
     run_cli,
     without_root_file_access,
 )
@@ -63,18 +64,6 @@ async def start_watcher(tmp_path: Path, services: list[Service], url: str, key: 
                                   preexec_fn=preexec_fn)
     services.append(watcher)
     return watcher
-
-
-async def restart_hub(tmp_path: Path, services: list[Service], url: str,
-                      name: str) -> Service:
-    """The hub again, on the port the watcher knows."""
-    port = url.rsplit(":", 1)[1]
-    (tmp_path / "restart.toml").write_text(
-        (tmp_path / "config.toml").read_text().replace("port = 0", f"port = {port}"))
-    hub = await Service.start("hub", "--config", "restart.toml", cwd=tmp_path, name=name)
-    services.append(hub)
-    await hub.read_until(r"listening on")
-    return hub
 
 
 async def settled(api: Api, total: int, series: int) -> None:
