@@ -25,7 +25,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 import factory
 from conftest import TIMEOUT, Api, RunningHub, wait_for
 from dicomhub.config import DicomConfig
-from watcher.listener import no_delay
+from dicomhub.bench.cstore import no_delay
 from procs import Service, hub_with_keys, restart_hub
 
 pytestmark = pytest.mark.asyncio

@@ -212,7 +212,7 @@ class Watcher:
         if root is None or self._skipped(change.path, root):
             return
         if self.listener is not None and self.listener.busy(change.path):
-            return  # received over DICOM: its record is being committed already
+            return  # received over DICOM: its record is in hand already
         if change.kind == "gone":
             self.settler.forget(change.path)
         elif change.kind == "dir":

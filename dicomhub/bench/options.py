@@ -18,7 +18,7 @@ class Options:
     live_rate: float = 50.0
     series_db: int = 100_000
     watcher_files: int = 100_000
-    cstore_files: int = 1000
+    cstore_files: int = 2000
     json: Path = Path("bench.json")
     dir: Path | None = None
     keep: bool = False
