@@ -244,3 +244,271 @@ async def test_a_busy_dicom_port_is_one_clear_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert f"cannot listen for DICOM on 127.0.0.1:{port}" in lines[-1], result.stderr
     assert "Traceback" not in result.stderr
+
+
+# what real peers send: every transfer syntax, large instances, many associations ---------
+
+
+async def test_every_transfer_syntax_in_the_samples_arrives_as_sent(
+        hub: RunningHub, run_watcher: Any, api: Api, samples: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import manifest
+    from pynetdicom import _config
+    from pynetdicom.presentation import build_context
+    from pynetdicom.sop_class import uid_to_service_class  # type: ignore[attr-defined]
+    from pynetdicom.service_class import StorageServiceClass
+
+    folder = samples
+    chosen: dict[str, tuple[Path, str]] = {}  # transfer syntax: (file, SOP class)
+    for row in manifest(folder):
+        ts = row["transfer_syntax"]
+        uids = (row["sop_instance_uid"], row["series_instance_uid"], row["study_instance_uid"])
+        if row["parse_ok"] != "yes" or not ts or ts in chosen or not all(uids):
+            continue  # (an instance without its UIDs is refused: test_what_the_listener...)
+        path = folder / row["path"]
+        meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+        sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+        if uid_to_service_class(sop_class) is StorageServiceClass:
+            chosen[ts] = (path, sop_class)
+    assert len(chosen) >= 10, sorted(chosen)
+    listening = await run_watcher(hub, dicom=DicomConfig(enabled=True, port=0))
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the file's bytes
+
+    def send_files() -> list[int]:
+        ae = AE(ae_title=SCANNER)
+        ae.requested_contexts = [build_context(c, [ts]) for ts, (_, c) in chosen.items()]
+        assoc = ae.associate("127.0.0.1", listening.watcher.listener.port, ae_title=CALLED)
+        assert assoc.is_established
+        try:
+            return [int(assoc.send_c_store(path).Status) for path, _ in chosen.values()]
+        finally:
+            assoc.release()
+
+    assert await asyncio.to_thread(send_files) == [0] * len(chosen)
+
+    async def indexed() -> bool:
+        return (await api.get("/api/stats"))["instances"] == len(chosen)
+
+    await wait_for(indexed, "one instance per transfer syntax")
+    assert (await api.get("/api/stats"))["rejections"] == 0
+    stored = {pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID: p
+              for p in (listening.inbox / "dicom").rglob("*.dcm")}
+    assert set(stored) == set(chosen)
+    for ts, (path, _) in chosen.items():
+        assert data_set_bytes(stored[ts]) == _data_set_of_file(path), ts
+
+
+def _data_set_of_file(path: Path) -> bytes:
+    from pynetdicom.dsutils import split_dataset
+
+    _, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
+
+
+async def test_a_large_instance_goes_to_disk_as_it_arrives(
+        listening: Any, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    import watcher.listener
+
+    monkeypatch.setattr(watcher.listener, "SPILL_BYTES", 256 * 1024)
+    ds = instance(0, 1, "1.2.826.0.1.3680043.8.1055.13")
+    ds.Rows, ds.Columns = 1024, 1024
+    ds.PixelData = os.urandom(1024 * 1024 * 2)
+    small = instance(0, 2, "1.2.826.0.1.3680043.8.1055.13")
+
+    def send_small_pdus() -> list[int]:
+        ae = AE(ae_title=SCANNER)
+        ae.maximum_pdu_size = 100  # our responses must be fragmented to fit
+        ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", listening.watcher.listener.port, ae_title=CALLED)
+        assert assoc.is_established
+        try:
+            return [int(assoc.send_c_store(d).Status) for d in (ds, small)]
+        finally:
+            assoc.release()
+
+    assert await asyncio.to_thread(send_small_pdus) == [0, 0]
+
+    async def indexed() -> bool:
+        return (await api.get("/api/stats"))["instances"] == 2
+
+    await wait_for(indexed, "the large and the small instance")
+    path = listening.inbox / "dicom" / ds.StudyInstanceUID / ds.SeriesInstanceUID \
+        / f"{ds.SOPInstanceUID}.dcm"
+    assert data_set_bytes(path) == encode(ds, False, True)
+    assert not list(listening.watcher.listener.incoming.iterdir())
+
+
+async def test_associations_beyond_the_limit_are_refused_until_one_ends(
+        hub: RunningHub, run_watcher: Any) -> None:
+    listening = await run_watcher(hub, dicom=DicomConfig(enabled=True, port=0,
+                                                         max_associations=1))
+    port = listening.watcher.listener.port
+
+    def second_while_first_open() -> tuple[bool, bool, bool]:
+        ae = AE(ae_title=SCANNER)
+        ae.add_requested_context(Verification)
+        first = ae.associate("127.0.0.1", port, ae_title=CALLED)
+        second = ae.associate("127.0.0.1", port, ae_title=CALLED)
+        refused = second.is_rejected
+        first.release()
+        return first.is_established or first.is_released, refused, True
+
+    opened, refused, _ = await asyncio.to_thread(second_while_first_open)
+    assert opened and refused
+    # The first association's thread ends after its release; then there is room again.
+
+    async def echoes() -> bool:
+        return await asyncio.to_thread(echo, port) == 0
+
+    await wait_for(echoes, "an association to be accepted again")
+
+
+class RawPeer:
+    """A requestor speaking PDUs by hand, for what well-behaved libraries never send."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+
+    def associate(self, *abstract_syntaxes: str) -> bytes:
+        from pynetdicom.pdu import A_ASSOCIATE_RQ
+        from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+        from pynetdicom.presentation import build_context
+
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+        primitive.calling_ae_title, primitive.called_ae_title = SCANNER, CALLED
+        contexts = [build_context(a, [ExplicitVRLittleEndian]) for a in abstract_syntaxes]
+        for n, context in enumerate(contexts):
+            context.context_id = 2 * n + 1
+        primitive.presentation_context_definition_list = contexts
+        length = MaximumLengthNotification()
+        length.maximum_length_received = 16384
+        primitive.user_information = [length]
+        request = A_ASSOCIATE_RQ()
+        request.from_primitive(primitive)
+        self.sock.sendall(request.encode())
+        return self.receive()
+
+    def receive(self) -> bytes:
+        """One PDU; b"" when the listener has closed the connection."""
+        header = self._exactly(6)
+        if not header:
+            return b""
+        return header + self._exactly(struct.unpack(">I", header[2:])[0])
+
+    def _exactly(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                return b""
+            data += chunk
+        return data
+
+    def message(self, command: Dataset, data_set: bytes | None, context_id: int = 1) -> bytes:
+        """Send a DIMSE message; return the command set of the response."""
+        from watcher import dicomnet
+
+        for pdu in dicomnet.p_data(context_id, True, encode(command, True, True), 16384):
+            self.sock.sendall(pdu)
+        if data_set is not None:
+            for pdu in dicomnet.p_data(context_id, False, data_set, 16384):
+                self.sock.sendall(pdu)
+        answer = self.receive()
+        assert answer[0] == 0x04, answer[:16]
+        return answer[12:]  # P-DATA header 6, PDV length 4, context id, control
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def command(field: int, sop_class: str, sop: str = "", has_data_set: bool = True) -> Dataset:
+    ds = Dataset()
+    ds.AffectedSOPClassUID = sop_class
+    ds.CommandField = field
+    ds.MessageID = 7
+    ds.CommandDataSetType = 0x0001 if has_data_set else 0x0101
+    if sop:
+        ds.AffectedSOPInstanceUID = sop
+    return ds
+
+
+async def test_what_the_listener_cannot_do_gets_a_status_and_stores_nothing(
+        listening: Any, api: Api) -> None:
+    from pynetdicom.dsutils import decode
+
+    ct, mr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
+    good = instance(0, 1, "1.2.826.0.1.3680043.8.1055.14")
+
+    def session() -> list[tuple[int, int]]:
+        peer = RawPeer(listening.watcher.listener.port)
+        try:
+            accepted = peer.associate(ct)
+            assert accepted[0] == 0x02, accepted[:10]
+            answers = [
+                # A C-FIND on a storage context: not an operation of ours.
+                peer.message(command(0x0020, ct), encode(Dataset(), False, True)),
+                # An MR instance on the CT context.
+                peer.message(command(0x0001, mr, "1.2.3.4"), encode(good, False, True)),
+                # Bytes that are no data set.
+                peer.message(command(0x0001, ct, "1.2.3.5"), b"\xff" * 64),
+                # A data set whose SOP Instance UID is not the command's.
+                peer.message(command(0x0001, ct, "1.2.3.6"), encode(good, False, True)),
+            ]
+            out = []
+            for raw in answers:
+                response = decode(__import__("io").BytesIO(raw), True, True)
+                out.append((int(response.CommandField), int(response.Status)))
+            peer.sock.sendall(bytes([5, 0, 0, 0, 0, 4, 0, 0, 0, 0]))  # A-RELEASE-RQ
+            assert peer.receive()[:1] == b"\x06"
+            return out
+        finally:
+            peer.close()
+
+    assert await asyncio.to_thread(session) == [
+        (0x8020, 0x0211), (0x8001, 0x0122), (0x8001, 0xC000), (0x8001, 0xC000)]
+    assert await asyncio.to_thread(echo, listening.watcher.listener.port) == 0
+    assert (await api.get("/api/stats"))["instances"] == 0
+    assert not list((listening.inbox / "dicom").rglob("*.dcm"))
+
+
+@pytest.mark.parametrize("opening", [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # not DICOM at all
+    bytes([4, 0, 0, 0, 0, 8, 0, 0, 0, 4, 1, 3, 0, 0]),  # P-DATA before any association
+    bytes([1, 0, 0x7F, 0xFF, 0xFF, 0xFF]),  # a 2 GB A-ASSOCIATE-RQ
+    bytes([1, 0, 0, 0, 0, 10]) + b"\xff" * 10,  # an A-ASSOCIATE-RQ that does not decode
+])
+async def test_a_peer_breaking_the_protocol_is_aborted_and_others_go_on(
+        listening: Any, opening: bytes) -> None:
+    def exchange() -> bytes:
+        peer = RawPeer(listening.watcher.listener.port)
+        try:
+            peer.sock.sendall(opening)
+            return peer.receive()
+        finally:
+            peer.close()
+
+    answer = await asyncio.to_thread(exchange)
+    assert answer[:1] == b"\x07" and len(answer) == 10, answer  # A-ABORT
+    assert answer[8] == 2  # from the service provider
+    assert await asyncio.to_thread(echo, listening.watcher.listener.port) == 0
+
+
+async def test_a_silent_peer_is_aborted(listening: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import watcher.listener
+
+    monkeypatch.setattr(watcher.listener, "ASSOCIATE_TIMEOUT", 0.2)
+    monkeypatch.setattr(watcher.listener, "IDLE_TIMEOUT", 0.2)
+
+    def silent(associate: bool) -> bytes:
+        peer = RawPeer(listening.watcher.listener.port)
+        try:
+            if associate:
+                assert peer.associate("1.2.840.10008.1.1")[:1] == b"\x02"
+            return peer.receive()  # blocks until the listener gives up on us
+        finally:
+            peer.close()
+
+    for associate in (False, True):
+        answer = await asyncio.to_thread(silent, associate)
+        assert answer[:1] == b"\x07", answer

@@ -157,8 +157,9 @@ def negotiate(body: bytes | memoryview, supported: list[PresentationContext],
             impl_uid = str(item.implementation_class_uid or "")
         elif isinstance(item, ImplementationVersionNameNotification):
             impl_version = str(item.implementation_version_name or "")
+    proposed = primitive.presentation_context_definition_list
     results, reply_roles = negotiate_as_acceptor(
-        primitive.presentation_context_definition_list, supported, roles or None)
+        proposed, _in_proposed_order(proposed, supported), roles or None)
 
     accept = A_ASSOCIATE()
     accept.application_context_name = UID(APPLICATION_CONTEXT)
@@ -183,6 +184,27 @@ def negotiate(body: bytes | memoryview, supported: list[PresentationContext],
         rejected=[int(cx.context_id) for cx in results
                   if cx.result != 0 and cx.context_id is not None])
     return answer.encode(), association
+
+
+def _in_proposed_order(proposed: list[PresentationContext],
+                       supported: list[PresentationContext]) -> list[PresentationContext]:
+    """Our contexts, each with its transfer syntaxes in the order the peer proposed
+    them: pynetdicom picks the first of *ours* that was proposed, so without this a
+    peer offering JPEG, then explicit VR, would have to decompress for us. Stored
+    as sent means in the syntax the sender prefers."""
+    wanted: dict[str, list[str]] = {}
+    for cx in proposed:
+        wanted.setdefault(str(cx.abstract_syntax), []).extend(map(str, cx.transfer_syntax))
+    out = []
+    for cx in supported:
+        ours = [str(ts) for ts in cx.transfer_syntax]
+        first = [ts for ts in dict.fromkeys(wanted.get(str(cx.abstract_syntax), []))
+                 if ts in ours]
+        if first:
+            cx = build_context(str(cx.abstract_syntax),
+                               first + [t for t in ours if t not in first])
+        out.append(cx)
+    return out
 
 
 def pdvs(body: bytes | memoryview) -> Iterator[tuple[int, int, memoryview]]:

@@ -358,7 +358,8 @@ class _Message:
         self._file.close()
         self._file = None
         assert self.spilled is not None
-        return reader.read_file(self.spilled, root, label)
+        # (its path is replaced with the final one once written)
+        return reader.read_file(self.spilled, self.spilled.parent, label)
 
     def write(self, final: Path) -> os.stat_result:
         """Sync, rename into place, sync the folder: after a crash the final name
