@@ -1,10 +1,12 @@
 """Step 8: instances sent over DICOM (C-STORE) to the watcher's listener, over one
 association, by dcmtk's storescu when installed (else by pynetdicom): files/s
-from the first byte sent until the sender has heard every response."""
+from the first byte sent until the sender has heard every response. When Orthanc
+is installed, the same files go to it too, the same way, in the same run."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -44,10 +46,65 @@ async def cstore(ctx: Context) -> StepOutput:
     async with ctx.session() as http:
         await wait_instances(Api(http, hub.url, hub.read_key), count,
                              [hub.service, watcher], 0.05)
-    return ({"files": count, "files_per_second": round(count / seconds)},
-            {"sender": sender, "seconds": round(seconds, 3), "mean_file_kib": round(
-                sum(p.stat().st_size for p in written.paths) / count / 1024, 1),
-             "orthanc": "not measured: Orthanc is not part of this benchmark run"})
+    figures: dict[str, Any] = {"files": count, "files_per_second": round(count / seconds)}
+    details: dict[str, Any] = {
+        "sender": sender, "seconds": round(seconds, 3), "mean_file_kib": round(
+            sum(p.stat().st_size for p in written.paths) / count / 1024, 1)}
+    orthanc = shutil.which("Orthanc")
+    if storescu and orthanc:
+        ctx.say(f"sending the same {count} files to Orthanc")
+        orthanc_seconds, version = await _orthanc(orthanc, storescu, folder, written.folder)
+        figures["orthanc_files_per_second"] = round(count / orthanc_seconds)
+        figures["ratio_to_orthanc"] = round(orthanc_seconds / seconds, 2)
+        details["orthanc"] = version
+    else:
+        details["orthanc"] = "not measured: Orthanc (and dcmtk's storescu) not installed"
+    return figures, details
+
+
+async def _orthanc(program: str, storescu: str, folder: Path,
+                   outgoing: Path) -> tuple[float, str]:
+    """Orthanc as Debian installs it, on a fresh storage folder and index, with
+    TCP_NODELAY=1 for its dcmtk; seconds to store the folder, and its version."""
+    home = folder / "orthanc"
+    home.mkdir()
+    dicom_port, http_port = _free_port(), _free_port()
+    (home / "orthanc.json").write_text(json.dumps({
+        "Name": "bench", "StorageDirectory": str(home / "storage"),
+        "IndexDirectory": str(home / "index"), "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "Plugins": []}))
+    version = subprocess.run([program, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout.splitlines()[0:1]
+    process = await asyncio.create_subprocess_exec(
+        program, str(home / "orthanc.json"), stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL, cwd=home, env={**os.environ, "TCP_NODELAY": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not _accepts(dicom_port):
+            if process.returncode is not None or time.monotonic() > deadline:
+                raise BenchError("Orthanc did not start listening for DICOM")
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(os.sync)
+        started = time.perf_counter()
+        await _storescu(storescu, outgoing, dicom_port, called="ORTHANC")
+        return time.perf_counter() - started, (version or ["Orthanc"])[0].strip()
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def dcmtk_storescu() -> str | None:
@@ -73,10 +130,10 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def _storescu(program: str, folder: Path, port: int) -> None:
+async def _storescu(program: str, folder: Path, port: int, called: str = "DICOMHUB") -> None:
     # dcmtk leaves Nagle's algorithm on unless told otherwise (see the README).
     process = await asyncio.create_subprocess_exec(
-        program, "-aet", "BENCH", "-aec", "DICOMHUB", "+sd", "+r", "127.0.0.1",
+        program, "-aet", "BENCH", "-aec", called, "+sd", "+r", "127.0.0.1",
         str(port), str(folder), stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE, env={**os.environ, "TCP_NODELAY": "1"})
     _, err = await asyncio.wait_for(process.communicate(), SEND_TIMEOUT)
