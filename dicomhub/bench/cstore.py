@@ -88,7 +88,8 @@ async def _orthanc(program: str, storescu: str, folder: Path,
         await asyncio.to_thread(os.sync)
         started = time.perf_counter()
         await _storescu(storescu, outgoing, dicom_port, called="ORTHANC")
-        return time.perf_counter() - started, (version or ["Orthanc"])[0].strip()
+        # The first line reads "<program path> <version>".
+        return time.perf_counter() - started, "Orthanc " + (version or [" ?"])[0].split()[-1]
     finally:
         if process.returncode is None:
             process.terminate()
