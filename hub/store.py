@@ -8,7 +8,7 @@ them. Every method returns JSON-ready dicts (times as ISO 8601 UTC strings).
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -199,3 +199,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_audit(self, query: ListQuery) -> Page: ...
+
+    # several hubs on one database. A hub alone on its file needs none of this.
+    shared: bool = False  # other hubs may write to the same database
+
+    async def lead(self) -> bool:
+        """Keep, or try to take, the lease on the series stability timers: True while
+        this hub holds it. The lease lets one hub at a time run the timers; it is
+        not what keeps a series from becoming stable twice (mark_stable is)."""
+        return True
+
+    async def listen_changes(self, wake: Callable[[], None]) -> None:
+        """From now on, call `wake` (on the event loop) after any hub commits to the
+        change log. `wake` carries no data: the log itself is read for that. A hub
+        alone hears of its own commits directly, so by default nothing is done."""
+        return None
