@@ -13,18 +13,18 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from dicomhub.config import HubConfig, encryption_key
+from dicomhub.config import HubConfig
 from dicomhub.errors import DicomhubError
 from dicomhub.logs import keep_phi_out
 
-from . import api, dicomweb, ingest, live, openapi, session
+from . import api, dicomweb, ingest, live, metrics, openapi, session
 from .audit import AUDITOR_KEY, Auditor
 from .auth import ALLOWED_ORIGINS_KEY, LIMITER_KEY, STORE_KEY, auth_middleware, public
 from .ratelimit import FailureLimiter
 from .feed import Feed
 from .monitor import SeriesMonitor
-from .sqlite_store import SQLiteStore
 from .store import Store
+from .stores import create_store
 
 log = logging.getLogger("dicomhub.hub")
 
@@ -84,8 +84,7 @@ def create_app(config: HubConfig, store: Store | None = None) -> web.Application
                                        api.mask_middleware, auth_middleware],
                           client_max_size=1024 * 1024)
     app[CONFIG_KEY] = config
-    app[STORE_KEY] = store or SQLiteStore(
-        config.database, encryption_key(config.encryption_key_env, "hub.encryption_key_env"))
+    app[STORE_KEY] = store or create_store(config)
     app[LIMITER_KEY] = FailureLimiter()
     app[ALLOWED_ORIGINS_KEY] = config.allowed_origins
     app[AUDITOR_KEY] = Auditor(app[STORE_KEY])
@@ -94,12 +93,16 @@ def create_app(config: HubConfig, store: Store | None = None) -> web.Application
     app[ingest.PUBLISH] = feed.publish
     app[ingest.INGEST_SOCKETS] = dict[str, web.WebSocketResponse]()
     app[live.LIVE_SOCKETS] = set[web.WebSocketResponse]()
+    app[metrics.METRICS_KEY] = metrics.HubMetrics(feed, app[ingest.INGEST_SOCKETS],
+                                                  app[live.LIVE_SOCKETS])
+    app[metrics.METRICS_KEY].instrument(app[STORE_KEY])
     app.add_routes(api.routes)
     app.add_routes(ingest.routes)
     app.add_routes(live.routes)
     app.add_routes(session.routes)
     app.add_routes(openapi.routes)
     app.add_routes(dicomweb.routes)
+    app.add_routes(metrics.routes)
     app.router.add_get("/", _web_file)
     app.router.add_get(r"/{name:[A-Za-z0-9_-][A-Za-z0-9_.-]*}", _web_file)
     app.cleanup_ctx.append(_resources)

@@ -32,6 +32,7 @@ from dicomhub.protocol import (
 )
 
 from .auth import KEY_INFO, STORE_KEY, guard_socket, requires
+from .metrics import METRICS_KEY
 from .ratelimit import TokenBucket
 from .store import Change, KeyInfo
 
@@ -132,7 +133,7 @@ async def ingest(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(ws: web.WebSocketResponse, app: web.Application, watcher_id: str) -> None:
-    store = app[STORE_KEY]
+    store, metrics = app[STORE_KEY], app[METRICS_KEY]
     bucket = TokenBucket(MAX_FRAMES_PER_SECOND, FRAME_BURST, time.monotonic())
     violations = 0
 
@@ -148,7 +149,8 @@ async def _serve(ws: web.WebSocketResponse, app: web.Application, watcher_id: st
         return False
 
     async for msg in ws:
-        if not bucket.take(time.monotonic()):
+        arrived = time.monotonic()
+        if not bucket.take(arrived):
             await _fatal(ws, f"more than {MAX_FRAMES_PER_SECOND} messages a second; slow down "
                              "and reconnect")
             return
@@ -181,6 +183,7 @@ async def _serve(ws: web.WebSocketResponse, app: web.Application, watcher_id: st
             return
         await _send(ws, Ack(batch_id=message.batch_id, stored=result.stored,
                             duplicates=result.duplicates, rejected=result.rejected))
+        metrics.batch_acknowledged(result, time.monotonic() - arrived)
         app[TOUCH](result.touched)
         app[PUBLISH](result.changes)
 

@@ -30,6 +30,7 @@ from .auth import (
 )
 from .audit import AUDITOR_KEY
 from .feed import Client, Feed
+from .metrics import METRICS_KEY
 from .store import KeyInfo
 
 log = logging.getLogger("dicomhub.hub")
@@ -75,6 +76,7 @@ async def live(request: web.Request) -> web.StreamResponse:
     cutting: set[asyncio.Task[None]] = set()
 
     def too_slow(client: Client) -> None:
+        request.app[METRICS_KEY].live_clients_dropped.inc()
         task = asyncio.get_running_loop().create_task(_cut_off(request, ws, client))
         cutting.add(task)
         task.add_done_callback(cutting.discard)
