@@ -118,6 +118,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[MONITOR_KEY] = monitor
     app[ingest.TOUCH] = monitor.touch
     await monitor.start()
+    app[live.FEED_KEY].on_changes = monitor.refresh  # other hubs' series, on a shared store
     await app[live.FEED_KEY].start()
     await app[AUDITOR_KEY].start()
     yield

@@ -29,6 +29,7 @@ log = logging.getLogger("dicomhub.hub")
 # keeps up is never cut off by a single large batch.
 QUEUE_LIMIT = 5000
 STATS_INTERVAL = 1.0
+TAIL_POLL = 1.0  # seconds; see Feed._tail
 
 
 class Client:
@@ -65,6 +66,10 @@ class Feed:
         self.last_seq = 0
         self._changed = asyncio.Event()
         self._stats_task: asyncio.Task[None] | None = None
+        self._tail_task: asyncio.Task[None] | None = None
+        self._poke = asyncio.Event()
+        # Called after changes read from a shared log (other hubs' among them).
+        self.on_changes: Callable[[], None] | None = None
         self._previous: tuple[float, int, int] | None = None  # time, files, rejections
 
     async def start(self) -> None:
@@ -74,12 +79,46 @@ class Feed:
             assert secret is not None, "the schema migration makes the mask secret"
             self.mask_secret = bytes.fromhex(secret)
         self._stats_task = asyncio.create_task(self._stats_loop(), name="feed-stats")
+        if self.store.shared:
+            await self.store.listen_changes(self._poke.set)
+            self._tail_task = asyncio.create_task(self._tail(), name="feed-tail")
 
     async def stop(self) -> None:
+        await stop_task(self._tail_task)
         await stop_task(self._stats_task)
 
     def publish(self, changes: Sequence[Change]) -> None:
-        """Called after each commit, in seq order; never blocks."""
+        """Called after each commit, in seq order; never blocks. With a shared store
+        it only wakes the tail: the log, not this hub's commits, sets the order."""
+        if self.store.shared:
+            self._poke.set()
+            return
+        self._deliver(changes)
+
+    async def _tail(self) -> None:
+        """With several hubs on one database, every hub sends its clients what the
+        change log holds, in seq order, whoever committed it. The store's `changes`
+        never skips a seq that is yet to commit, so reading after the last one
+        sent leaves no gap; a wake-up from any hub's commit, or TAIL_POLL without
+        one (should a notification be lost), starts a read."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TAIL_POLL):
+                    await self._poke.wait()
+            self._poke.clear()
+            try:
+                while True:
+                    changes = await self.store.changes(self.last_seq, 1000)
+                    if changes:
+                        self._deliver(changes)
+                        if self.on_changes is not None:
+                            self.on_changes()
+                    if len(changes) < 1000:
+                        break
+            except Exception:
+                log.exception("reading the change log failed; retrying")
+
+    def _deliver(self, changes: Sequence[Change]) -> None:
         if not changes:
             return
         for change in changes:
