@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 from . import __version__, bench, keys
-from .config import ENV_KEY, Config, WatcherConfig, encryption_key, load
+from .config import ENV_KEY, Config, WatcherConfig, load
 from .errors import DicomhubError
 from .logs import keep_phi_out
 
@@ -51,10 +51,9 @@ async def _until_signalled(main: Awaitable[None]) -> None:
 
 
 def _store(config: Config):  # type: ignore[no-untyped-def]
-    from hub.sqlite_store import SQLiteStore
+    from hub.stores import create_store
 
-    return SQLiteStore(config.hub.database,
-                       encryption_key(config.hub.encryption_key_env, "hub.encryption_key_env"))
+    return create_store(config.hub)  # SQLite or PostgreSQL, as the config says
 
 
 async def _keys(args: argparse.Namespace, config: Config) -> int:

@@ -8,6 +8,7 @@ value: ``Config 'hub.port' has value 'abc': not an integer``.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -19,13 +20,18 @@ from .errors import ConfigError
 DEFAULT_FILE = "config.toml"
 ENV_CONFIG = "DICOMHUB_CONFIG"
 ENV_KEY = "DICOMHUB_KEY"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)[^@/]*@")
+_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&]*")
 
 
 @dataclass(frozen=True)
 class HubConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    database: Path = Path("data/hub.sqlite3")
+    database: Path = Path("data/hub.sqlite3")  # the SQLite file, unless database_url is set
+    # [hub] database = "postgresql://…": the PostgreSQL store instead of the file.
+    database_url: str = ""
     stable_after: float = 10.0
     log_level: str = "info"
     tls_cert: Path | None = None
@@ -184,12 +190,31 @@ class _Section:
             raise ConfigError(f"Config '{self.name}' has unknown key(s): {unknown}")
 
 
+def redact_url(url: str) -> str:
+    """`url` fit to show: a password (`user:password@host`, `?password=`) becomes ***."""
+    return _PASSWORD_PARAM.sub(r"\1***", _PASSWORD.sub(r"\1***@", url))
+
+
+def _database_url(section: _Section) -> str:
+    """`database` when it is a PostgreSQL URL (then taken from the section), else ""."""
+    value = section.table.get("database")
+    if not isinstance(value, str) or "://" not in value:
+        return ""
+    section._get("database", "")
+    if not value.startswith(POSTGRES_SCHEMES):
+        raise _fail("hub.database", redact_url(value), "a URL must start with postgresql:// "
+                                                       "(a plain path is a SQLite file)")
+    return value
+
+
 def _hub(section: _Section) -> HubConfig:
     d = HubConfig()
+    database_url = _database_url(section)  # before `database`: it takes the key
     hub = HubConfig(
         host=section.string("host", d.host),
         port=section.integer("port", d.port, 0, 65535),
         database=section.required_path("database", d.database),
+        database_url=database_url,
         stable_after=section.number("stable_after", d.stable_after, 0.0, 7 * 86400.0),
         log_level=section.level("log_level"),
         tls_cert=section.path("tls_cert", None),
@@ -201,6 +226,10 @@ def _hub(section: _Section) -> HubConfig:
         encryption_key_env=section.string("encryption_key_env", ""),
     )
     section.done()
+    if hub.database_url and hub.encryption_key_env:
+        raise _fail("hub.encryption_key_env", hub.encryption_key_env,
+                    "encryption with SQLCipher is for a SQLite file, not PostgreSQL; remove "
+                    "it: at-rest encryption is then the database server's or its disk's job")
     if (hub.tls_cert is None) != (hub.tls_key is None):
         raise ConfigError("Config 'hub.tls_cert' and 'hub.tls_key' go together: "
                           "set both (HTTPS) or neither")

@@ -23,6 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # the test helpers (factory, strategies)
 
+import pgcluster  # noqa: E402
 from dicomhub import keys  # noqa: E402
 from dicomhub.config import HubConfig, WatcherConfig  # noqa: E402
 from hub.app import start  # noqa: E402
@@ -99,6 +100,24 @@ async def hub(tmp_path: Path) -> AsyncIterator[RunningHub]:
     running = await start_hub(tmp_path)
     yield running
     await running.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pgcluster.Cluster]:
+    """One throwaway PostgreSQL cluster for the session; skips if none is installed."""
+    cluster = pgcluster.start(TIMEOUT)
+    if cluster is None:
+        pytest.skip(pgcluster.SKIP_REASON)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_database(postgres: pgcluster.Cluster) -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    name = postgres.create_database()
+    yield postgres.url(name)
+    postgres.drop_database(name)
 
 
 @pytest.fixture

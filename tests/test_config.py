@@ -364,3 +364,37 @@ def test_allowed_origins_are_origins(tmp_path: Path) -> None:
         path = write_config(tmp_path, f"[hub]\nallowed_origins = {bad}\n")
         with pytest.raises(ConfigError, match="'hub.allowed_origins'"):
             load(path, environ=NO_ENV)
+
+
+# The database: a SQLite file or a PostgreSQL URL ---------------------------------------
+
+
+@pytest.mark.parametrize("url", ["postgresql://hub@db.example.org/dicomhub",
+                                 "postgres://hub@db.example.org:5433/dicomhub?sslmode=require"])
+def test_a_postgresql_url_selects_postgresql(tmp_path: Path, url: str) -> None:
+    hub = load(write_config(tmp_path, f'[hub]\ndatabase = "{url}"\n'), environ=NO_ENV).hub
+    assert hub.database_url == url
+    plain = load(write_config(tmp_path, '[hub]\ndatabase = "db/hub.sqlite3"\n'),
+                 environ=NO_ENV).hub
+    assert plain.database_url == "" and plain.database == tmp_path / "db" / "hub.sqlite3"
+
+
+def test_a_database_url_of_another_kind_is_an_error(tmp_path: Path) -> None:
+    message = load_error(write_config(tmp_path, '[hub]\ndatabase = "mysql://u:pw@h/db"\n'))
+    assert message == ("Config 'hub.database' has value 'mysql://u:***@h/db': a URL must "
+                       "start with postgresql:// (a plain path is a SQLite file)")
+
+
+def test_sqlcipher_encryption_with_postgresql_is_an_error(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[hub]\ndatabase = "postgresql://hub@db/dicomhub"\n'
+                                  'encryption_key_env = "HUB_DB_KEY"\n')
+    message = load_error(path)
+    assert message.startswith("Config 'hub.encryption_key_env' has value 'HUB_DB_KEY': ")
+    assert "PostgreSQL" in message and "database server" in message and "\n" not in message
+
+
+def test_passwords_in_database_urls_are_never_shown() -> None:
+    assert config.redact_url("postgresql://hub:s3cret@db/x") == "postgresql://hub:***@db/x"
+    assert config.redact_url("postgresql://db/x?sslmode=require&password=s3cret&a=1") == (
+        "postgresql://db/x?sslmode=require&password=***&a=1")
+    assert config.redact_url("postgresql://hub@db/x") == "postgresql://hub@db/x"

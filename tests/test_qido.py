@@ -1,12 +1,17 @@
-"""QIDO-RS queries parsed, turned into SQL and answered (pure parts, plus real SQLite)."""
+"""QIDO-RS queries parsed, turned into SQL and answered (pure parts, plus real SQLite
+and a real PostgreSQL, which must find the same rows)."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+import asyncpg
 import pytest
 
-from hub import qido, qido_sqlite, schema
+from hub import pg_schema, qido, qido_pg, qido_sqlite, schema
+from pgcluster import Cluster
 from hub.qido import BadQuery, Match, parse, person_name, to_dicom_json
 
 
@@ -185,6 +190,20 @@ def test_dicom_json_model() -> None:
 # SQL on a real database ---------------------------------------------------------------
 
 
+# The same rows in either engine's schema.
+ROWS = (
+    "INSERT INTO patients (id, patient_id, patient_name, first_seen, last_seen)"
+    " VALUES (1, 'P1', 'Yamada^Tarou=山田^太郎=やまだ^たろう', 0, 0),"
+    " (2, 'P2', 'Doe^John', 0, 0), (3, 'P[3]', 'O''Brien*^Ann?', 0, 0)",
+    "INSERT INTO studies (id, study_instance_uid, patient_pk, study_date,"
+    " study_time, first_seen, last_seen) VALUES (1, '1.1', 1, '20200105', '101530',"
+    " 0, 0), (2, '1.2', 2, '20211231', '2359', 0, 0), (3, '1.3', 3, '', '', 0, 0)",
+    "INSERT INTO series (id, series_instance_uid, study_pk, modality, series_number,"
+    " instance_count, first_seen, last_seen) VALUES (1, '1.1.1', 1, 'CT', 1, 3,"
+    " 0, 0), (2, '1.1.2', 1, 'MR', 2, 2, 0, 0), (3, '1.2.1', 2, 'MR', 1, 1, 0, 0)",
+)
+
+
 @pytest.fixture
 def db() -> sqlite3.Connection:
     con = sqlite3.connect(":memory:")
@@ -192,16 +211,25 @@ def db() -> sqlite3.Connection:
     for migration in schema.MIGRATIONS:
         for statement in migration:
             con.execute(statement)
-    con.execute("INSERT INTO patients (id, patient_id, patient_name, first_seen, last_seen)"
-                " VALUES (1, 'P1', 'Yamada^Tarou=山田^太郎=やまだ^たろう', 0, 0),"
-                " (2, 'P2', 'Doe^John', 0, 0), (3, 'P[3]', 'O''Brien*^Ann?', 0, 0)")
-    con.execute("INSERT INTO studies (id, study_instance_uid, patient_pk, study_date,"
-                " study_time, first_seen, last_seen) VALUES (1, '1.1', 1, '20200105', '101530',"
-                " 0, 0), (2, '1.2', 2, '20211231', '2359', 0, 0), (3, '1.3', 3, '', '', 0, 0)")
-    con.execute("INSERT INTO series (id, series_instance_uid, study_pk, modality, series_number,"
-                " instance_count, first_seen, last_seen) VALUES (1, '1.1.1', 1, 'CT', 1, 3,"
-                " 0, 0), (2, '1.1.2', 1, 'MR', 2, 2, 0, 0), (3, '1.2.1', 2, 'MR', 1, 1, 0, 0)")
+    for statement in ROWS:
+        con.execute(statement)
     return con
+
+
+@pytest.fixture(scope="module")
+def pg_rows(postgres: Cluster) -> Iterator[str]:
+    """One database with the rows for the whole module: its tests only read."""
+    name = postgres.create_database()
+    postgres.sql(";\n".join([*(s for m in pg_schema.MIGRATIONS for s in m), *ROWS]), name)
+    yield postgres.url(name)
+    postgres.drop_database(name)
+
+
+@pytest.fixture
+async def pg(pg_rows: str) -> AsyncIterator[Any]:
+    con = await asyncpg.connect(pg_rows)
+    yield con
+    await con.close()
 
 
 def uids(db: sqlite3.Connection, level: str, params: list[tuple[str, str]]) -> list[str]:
@@ -211,7 +239,13 @@ def uids(db: sqlite3.Connection, level: str, params: list[tuple[str, str]]) -> l
     return [row[key] for row in db.execute(sql, values)]
 
 
-@pytest.mark.parametrize(("params", "expected"), [
+async def pg_uids(con: Any, level: str, params: list[tuple[str, str]]) -> list[str]:
+    sql, values = qido_pg.build(parse(level, params))
+    key = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID"}[level]
+    return [row[key] for row in await con.fetch(sql, *values)]
+
+
+STUDY_CASES = [
     ([], ["1.1", "1.2", "1.3"]),
     ([("PatientName", "Doe^John")], ["1.2"]),
     ([("PatientName", "doe^john")], []),  # case-sensitive unless fuzzy
@@ -231,7 +265,10 @@ def uids(db: sqlite3.Connection, level: str, params: list[tuple[str, str]]) -> l
     ([("ModalitiesInStudy", "CT,PT")], ["1.1"]),
     ([("StudyInstanceUID", "1.2,1.3")], ["1.2", "1.3"]),
     ([("limit", "1"), ("offset", "1")], ["1.2", "1.3"]),  # one page plus one row
-])
+]
+
+
+@pytest.mark.parametrize(("params", "expected"), STUDY_CASES)
 def test_study_matching_in_sqlite(db: sqlite3.Connection, params: list[tuple[str, str]],
                                   expected: list[str]) -> None:
     assert uids(db, "study", params) == expected
@@ -247,3 +284,30 @@ def test_counts_and_modalities(db: sqlite3.Connection) -> None:
 def test_series_matching_in_sqlite(db: sqlite3.Connection) -> None:
     assert uids(db, "series", [("Modality", "MR")]) == ["1.1.2", "1.2.1"]
     assert uids(db, "series", [("SeriesNumber", "1"), ("PatientID", "P1")]) == ["1.1.1"]
+
+
+@pytest.mark.parametrize(("params", "expected"), STUDY_CASES)
+async def test_study_matching_in_postgresql(pg: Any, params: list[tuple[str, str]],
+                                            expected: list[str]) -> None:
+    assert await pg_uids(pg, "study", params) == expected
+
+
+async def test_counts_and_modalities_in_postgresql(pg: Any) -> None:
+    sql, values = qido_pg.build(parse("study", [("StudyInstanceUID", "1.1")]))
+    [row] = await pg.fetch(sql, *values)
+    assert (row["NumberOfStudyRelatedSeries"], row["NumberOfStudyRelatedInstances"]) == (2, 5)
+    assert sorted(row["ModalitiesInStudy"].split(",")) == ["CT", "MR"]
+
+
+async def test_series_matching_in_postgresql(pg: Any) -> None:
+    assert await pg_uids(pg, "series", [("Modality", "MR")]) == ["1.1.2", "1.2.1"]
+    assert await pg_uids(pg, "series", [("SeriesNumber", "1"), ("PatientID", "P1")]) == [
+        "1.1.1"]
+    # Values PostgreSQL cannot compare match nothing instead of failing the query.
+    assert await pg_uids(pg, "series", [("SeriesNumber", str(2**70))]) == []
+    assert await pg_uids(pg, "series", [("PatientID", "P\x001")]) == []
+
+
+def test_like_patterns_escape_everything_but_the_dicom_wildcards() -> None:
+    assert qido_pg.escape_like("a%b_c\\d") == "a\\%b\\_c\\\\d"
+    assert qido_pg.dicom_like("J*n?_%") == "J%n_\\_\\%"

@@ -1,4 +1,6 @@
-"""The SQLite store (hub/sqlite_store.py) on a real database file, no hub around it.
+"""The store on a real database, no hub around it: every test runs against both
+engines, SQLite (hub/sqlite_store.py, a real file) and PostgreSQL (hub/pg_store.py,
+a real server), which must give the same answers.
 
 Every write passes an explicit `now`, so times and stability are deterministic.
 """
@@ -9,22 +11,26 @@ import contextlib
 import dataclasses
 import re
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from dicomhub.errors import StoreError
 from dicomhub.protocol import InstanceRecord, Rejection
-from hub import schema
+from hub import pg_schema, qido, schema
+from hub.pg_store import PGStore
 from hub.sqlite_store import SQLiteStore
-from hub.store import Change, ListQuery, iso
+from hub.store import Change, ListQuery, Store, iso
 
 pytestmark = pytest.mark.asyncio
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+# What a batch that cannot be written raises, by engine (both roll it back whole).
+DB_ERRORS = (sqlite3.Error, StoreError, asyncpg.PostgresError, asyncpg.InterfaceError)
 EMPTY_STATS = {"patients": 0, "studies": 0, "series": 0, "series_receiving": 0,
                "instances": 0, "files": 0, "rejections": 0, "last_seq": 0}
 
@@ -45,40 +51,87 @@ def rejection(path: str, reason: str = "truncated", detail: str = "ends inside a
     return Rejection(path=path, size=size, mtime=mtime, reason=reason, detail=detail, **extra)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    """Makes unopened stores, all on the same (fresh) database of one engine."""
+    if request.param == "sqlite":
+        path = tmp_path / "hub.sqlite3"
+        return lambda: SQLiteStore(path)
+    url = request.getfixturevalue("pg_database")
+    return lambda: PGStore(url)
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "hub.sqlite3")
+async def store(make_store: Callable[[], Store]) -> AsyncIterator[Store]:
+    s = make_store()
     await s.open()
     yield s
     await s.close()
 
 
-async def all_changes(store: SQLiteStore, since: int = 0) -> list[Change]:
+async def all_changes(store: Store, since: int = 0) -> list[Change]:
     return await store.changes(since, 10_000)
 
 
-async def kinds(store: SQLiteStore, since: int = 0) -> list[str]:
+async def kinds(store: Store, since: int = 0) -> list[str]:
     return [c.kind for c in await all_changes(store, since)]
 
 
-async def all_rejections(store: SQLiteStore, **filters: str) -> list[dict[str, Any]]:
+async def all_rejections(store: Store, **filters: str) -> list[dict[str, Any]]:
     return (await store.list_rejections(ListQuery(filters=filters, limit=1000))).items
 
 
-async def series_uids(store: SQLiteStore, **filters: str) -> list[str]:
+async def series_uids(store: Store, **filters: str) -> list[str]:
     page = await store.list_series(ListQuery(filters=filters, limit=1000))
     assert page.next_after is None
     return [s["series_instance_uid"] for s in page.items]
 
 
-def file_rows(path: Path) -> list[tuple[str, str, str]]:
-    with contextlib.closing(sqlite3.connect(path)) as con:
-        return con.execute(
-            "SELECT watcher_id, path, sop_instance_uid FROM files ORDER BY watcher_id, path"
-        ).fetchall()
+async def raw(store: Store, sql: str) -> list[tuple[Any, ...]]:
+    """Rows read straight from the store's database, past the store (same SQL in both)."""
+    if isinstance(store, SQLiteStore):
+        with contextlib.closing(sqlite3.connect(store.path)) as con:
+            return con.execute(sql).fetchall()
+    assert isinstance(store, PGStore)
+    con = await asyncpg.connect(store.url)
+    try:
+        return [tuple(row) for row in await con.fetch(sql)]
+    finally:
+        await con.close()
 
 
-async def connect(store: SQLiteStore, watcher: str = "w1", backlog: int = 0,
+async def file_rows(store: Store) -> list[tuple[Any, ...]]:
+    return await raw(store, "SELECT watcher_id, path, sop_instance_uid FROM files"
+                            " ORDER BY watcher_id, path")
+
+
+async def schema_version(store: Store) -> int:
+    if isinstance(store, SQLiteStore):
+        [(version,)] = await raw(store, "PRAGMA user_version")
+    else:
+        [(version,)] = await raw(store, "SELECT version FROM schema_version")
+    return int(version)
+
+
+async def set_schema_version(store: Store, version: int) -> None:
+    if isinstance(store, SQLiteStore):
+        with contextlib.closing(sqlite3.connect(store.path)) as con:
+            con.execute(f"PRAGMA user_version = {version}")
+            con.commit()
+        return
+    assert isinstance(store, PGStore)
+    con = await asyncpg.connect(store.url)
+    try:
+        await con.execute("UPDATE schema_version SET version = $1", version)
+    finally:
+        await con.close()
+
+
+def current_version(store: Store) -> int:
+    return pg_schema.VERSION if isinstance(store, PGStore) else schema.VERSION
+
+
+async def connect(store: Store, watcher: str = "w1", backlog: int = 0,
                   now: float = T0 - 100) -> Change:
     return await store.watcher_connected(watcher, "ingest-key", "dicomhub-watcher 1.0",
                                          "127.0.0.1", backlog, now)
@@ -87,7 +140,7 @@ async def connect(store: SQLiteStore, watcher: str = "w1", backlog: int = 0,
 # Idempotence by SOP Instance UID ---------------------------------------------------
 
 
-async def test_the_same_batch_twice_is_stored_once(store: SQLiteStore) -> None:
+async def test_the_same_batch_twice_is_stored_once(store: Store) -> None:
     batch = [record(1), record(2), record(3)]
     first = await store.ingest("w1", batch, T0)
     assert (first.stored, first.duplicates, first.rejected) == (3, 0, 0)
@@ -108,14 +161,14 @@ async def test_the_same_batch_twice_is_stored_once(store: SQLiteStore) -> None:
                                    "last_seq": seq}
 
 
-async def test_a_sop_uid_repeated_inside_one_batch_counts_once(store: SQLiteStore) -> None:
+async def test_a_sop_uid_repeated_inside_one_batch_counts_once(store: Store) -> None:
     result = await store.ingest("w1", [record(1), record(1, path="copy/1.dcm")], T0)
     assert (result.stored, result.duplicates) == (1, 1)
     assert [c.kind for c in result.changes] == ["series.created"]
     assert result.changes[0].payload["instance_count"] == 1
 
 
-async def test_a_duplicate_from_another_path_adds_only_a_file(store: SQLiteStore) -> None:
+async def test_a_duplicate_from_another_path_adds_only_a_file(store: Store) -> None:
     await store.ingest("w1", [record(1)], T0)
     before = await store.stats()
     seq = await store.last_seq()
@@ -128,7 +181,7 @@ async def test_a_duplicate_from_another_path_adds_only_a_file(store: SQLiteStore
 
     after = await store.stats()
     assert after == {**before, "files": before["files"] + 1}
-    assert file_rows(store.path) == [("w1", "backup/copy-of-1.dcm", "1.2.3.1.1"),
+    assert await file_rows(store) == [("w1", "backup/copy-of-1.dcm", "1.2.3.1.1"),
                                      ("w1", "s/1.2.3.1/1.dcm", "1.2.3.1.1")]
     series = await store.get_series("1.2.3.1")
     assert series is not None and series["instance_count"] == 1
@@ -136,15 +189,15 @@ async def test_a_duplicate_from_another_path_adds_only_a_file(store: SQLiteStore
     assert [i["path"] for i in series["instances"]] == ["s/1.2.3.1/1.dcm"]
 
 
-async def test_the_same_instance_from_another_watcher_counts_once(store: SQLiteStore) -> None:
+async def test_the_same_instance_from_another_watcher_counts_once(store: Store) -> None:
     await store.ingest("w1", [record(1)], T0)
     result = await store.ingest("w2", [record(1)], T0 + 1)
     assert (result.stored, result.duplicates) == (0, 1)
     assert (await store.stats())["instances"] == 1
-    assert [r[0] for r in file_rows(store.path)] == ["w1", "w2"]
+    assert [r[0] for r in await file_rows(store)] == ["w1", "w2"]
 
 
-async def test_a_sop_uid_indexed_in_another_series_is_a_conflict(store: SQLiteStore) -> None:
+async def test_a_sop_uid_indexed_in_another_series_is_a_conflict(store: Store) -> None:
     await store.ingest("w1", [record(1, series="1.2.3.1")], T0)
     before = await store.stats()
     seq = await store.last_seq()
@@ -176,17 +229,17 @@ async def test_a_sop_uid_indexed_in_another_series_is_a_conflict(store: SQLiteSt
 # One ingest call is one transaction ---------------------------------------------------
 
 
-async def test_a_batch_that_fails_midway_leaves_nothing(store: SQLiteStore) -> None:
+async def test_a_batch_that_fails_midway_leaves_nothing(store: Store) -> None:
     await connect(store, backlog=9)
     seq = await store.last_seq()
     watcher_before = await store.list_watchers()
-    # The last record cannot be bound by sqlite3 (a list where an integer belongs): it
+    # The last record cannot be bound by the driver (a list where an integer belongs): it
     # fails inside INSERT INTO instances, after its own patient, study and series rows
     # and the earlier records (and a logged rejection) were written in this transaction.
     bad = dataclasses.replace(
         record(1, series="9.9.1", study="9.9", patient_id="P9"), rows=["not", "bindable"])
     batch = [record(1), record(2), rejection("junk.txt", "not_dicom"), bad]
-    with pytest.raises((sqlite3.Error, StoreError)):
+    with pytest.raises(DB_ERRORS):
         await store.ingest("w1", batch, T0, backlog=3)
 
     assert await store.stats() == {**EMPTY_STATS, "last_seq": seq}
@@ -198,7 +251,7 @@ async def test_a_batch_that_fails_midway_leaves_nothing(store: SQLiteStore) -> N
     assert await all_rejections(store) == []
     assert await store.get_patient("P1") is None and await store.get_patient("P9") is None
     assert await store.list_watchers() == watcher_before  # counters and backlog untouched
-    assert file_rows(store.path) == []
+    assert await file_rows(store) == []
 
     # The store is still usable, and the good records go in on a retry.
     result = await store.ingest("w1", batch[:3], T0 + 1, backlog=3)
@@ -206,11 +259,11 @@ async def test_a_batch_that_fails_midway_leaves_nothing(store: SQLiteStore) -> N
     assert [c.seq for c in result.changes] == [seq + 1, seq + 2]
 
 
-async def test_a_bad_sop_uid_fails_the_whole_batch(store: SQLiteStore) -> None:
+async def test_a_bad_sop_uid_fails_the_whole_batch(store: Store) -> None:
     await store.ingest("w1", [record(1)], T0)
     before = await store.stats()
     bad = dataclasses.replace(record(5), sop_instance_uid=["1", "2"])  # type: ignore[arg-type]
-    with pytest.raises((sqlite3.Error, StoreError)):
+    with pytest.raises(DB_ERRORS):
         await store.ingest("w1", [record(2), record(3, series="1.2.3.2"), bad], T0 + 1)
     assert await store.stats() == before
     assert await store.get_series("1.2.3.2") is None
@@ -221,7 +274,7 @@ async def test_a_bad_sop_uid_fails_the_whole_batch(store: SQLiteStore) -> None:
 # Change log ---------------------------------------------------------------------------
 
 
-async def test_series_created_then_updated_once_per_batch(store: SQLiteStore) -> None:
+async def test_series_created_then_updated_once_per_batch(store: Store) -> None:
     first = await store.ingest("w1", [record(1), record(2), record(1, series="1.2.3.2")], T0)
     assert [(c.kind, c.payload["series_instance_uid"], c.payload["instance_count"])
             for c in first.changes] == [("series.created", "1.2.3.1", 2),
@@ -244,7 +297,7 @@ async def test_series_created_then_updated_once_per_batch(store: SQLiteStore) ->
     assert logged == [*first.changes, *second.changes]  # what is returned is what is stored
 
 
-async def test_seq_strictly_increases_across_kinds(store: SQLiteStore) -> None:
+async def test_seq_strictly_increases_across_kinds(store: Store) -> None:
     await connect(store)
     await store.ingest("w1", [record(1), rejection("bad.dcm")], T0)
     await store.mark_stable(["1.2.3.1"], T0 + 30, 10)
@@ -262,7 +315,7 @@ async def test_seq_strictly_increases_across_kinds(store: SQLiteStore) -> None:
     assert await store.changes(seqs[-1], 10) == []
 
 
-async def test_rejections_are_logged_once_until_they_change(store: SQLiteStore) -> None:
+async def test_rejections_are_logged_once_until_they_change(store: Store) -> None:
     await connect(store)
     result = await store.ingest("w1", [rejection("a.dcm"), rejection("b.txt", "not_dicom")], T0)
     assert result.rejected == 2
@@ -304,7 +357,7 @@ async def test_rejections_are_logged_once_until_they_change(store: SQLiteStore) 
     assert watcher["rejections"] == 2 + len(variants)
 
 
-async def test_rejections_of_the_same_path_are_per_watcher(store: SQLiteStore) -> None:
+async def test_rejections_of_the_same_path_are_per_watcher(store: Store) -> None:
     await store.ingest("w1", [rejection("a.dcm")], T0)
     result = await store.ingest("w2", [rejection("a.dcm")], T0)
     assert result.rejected == 1 and len(result.changes) == 1
@@ -312,7 +365,7 @@ async def test_rejections_of_the_same_path_are_per_watcher(store: SQLiteStore) -
     assert [r["watcher_id"] for r in await all_rejections(store, watcher_id="w2")] == ["w2"]
 
 
-async def test_a_rejection_goes_when_its_path_is_indexed(store: SQLiteStore) -> None:
+async def test_a_rejection_goes_when_its_path_is_indexed(store: Store) -> None:
     path = "incoming/1.dcm"
     await store.ingest("w1", [rejection(path), rejection(path + ".other")], T0)
     await store.ingest("w2", [rejection(path)], T0)
@@ -326,7 +379,7 @@ async def test_a_rejection_goes_when_its_path_is_indexed(store: SQLiteStore) -> 
     assert await kinds(store, seq) == ["rejection.cleared", "series.created"]
 
 
-async def test_a_rejection_goes_also_when_its_path_holds_a_duplicate(store: SQLiteStore) -> None:
+async def test_a_rejection_goes_also_when_its_path_holds_a_duplicate(store: Store) -> None:
     await store.ingest("w1", [record(1)], T0)
     await store.ingest("w1", [rejection("copy.dcm")], T0)
     result = await store.ingest("w1", [record(1, path="copy.dcm")], T0 + 1)
@@ -334,14 +387,14 @@ async def test_a_rejection_goes_also_when_its_path_holds_a_duplicate(store: SQLi
     assert await all_rejections(store) == []
 
 
-async def test_a_file_goes_when_its_path_is_rejected(store: SQLiteStore) -> None:
+async def test_a_file_goes_when_its_path_is_rejected(store: Store) -> None:
     await store.ingest("w1", [record(1), record(2)], T0)
     await store.ingest("w2", [record(1)], T0)
-    assert len(file_rows(store.path)) == 3
+    assert len(await file_rows(store)) == 3
 
     result = await store.ingest("w1", [rejection("s/1.2.3.1/1.dcm", "corrupt")], T0 + 10)
     assert result.rejected == 1
-    assert file_rows(store.path) == [("w1", "s/1.2.3.1/2.dcm", "1.2.3.1.2"),
+    assert await file_rows(store) == [("w1", "s/1.2.3.1/2.dcm", "1.2.3.1.2"),
                                      ("w2", "s/1.2.3.1/1.dcm", "1.2.3.1.1")]
     stats = await store.stats()
     assert (stats["files"], stats["rejections"], stats["instances"]) == (2, 1, 2)
@@ -350,7 +403,7 @@ async def test_a_file_goes_when_its_path_is_rejected(store: SQLiteStore) -> None
 # Patients and studies -----------------------------------------------------------------
 
 
-async def test_patient_attributes_keep_the_first_non_empty_value(store: SQLiteStore) -> None:
+async def test_patient_attributes_keep_the_first_non_empty_value(store: Store) -> None:
     # one study per batch, all for the same patient
     await store.ingest("w1", [record(1, study="1.1", series="1.1.1", patient_name="",
                                      patient_sex="", patient_birth_date="19700101")], T0)
@@ -370,7 +423,7 @@ async def test_patient_attributes_keep_the_first_non_empty_value(store: SQLiteSt
 
 
 async def test_patient_attributes_fill_in_from_later_copies_of_a_study(
-        store: SQLiteStore) -> None:
+        store: Store) -> None:
     await store.ingest("w1", [record(1, patient_name="")], T0)
     await store.ingest("w1", [record(2, patient_name="Doe^J")], T0 + 1)
     await store.ingest("w1", [record(3, patient_name="Other")], T0 + 2)
@@ -379,7 +432,7 @@ async def test_patient_attributes_fill_in_from_later_copies_of_a_study(
 
 
 async def test_attributes_fill_in_from_later_records_of_the_same_batch(
-        store: SQLiteStore) -> None:
+        store: Store) -> None:
     await store.ingest("w1", [
         record(1, patient_name="", study_description="", modality=""),
         record(2, patient_name="Doe^J", study_description="Head", modality="CT"),
@@ -393,7 +446,7 @@ async def test_attributes_fill_in_from_later_records_of_the_same_batch(
         "Doe^J", "Head", "CT")
 
 
-async def test_study_attributes_keep_the_first_non_empty_value(store: SQLiteStore) -> None:
+async def test_study_attributes_keep_the_first_non_empty_value(store: Store) -> None:
     await store.ingest("w1", [record(1, study_description="", accession_number="A1",
                                      study_date="")], T0)
     await store.ingest("w1", [record(2, study_description="Head", accession_number="A2",
@@ -412,7 +465,7 @@ async def test_study_attributes_keep_the_first_non_empty_value(store: SQLiteStor
     assert patient is not None and patient["last_seen"] == iso(T0 + 2)
 
 
-async def test_series_attributes_keep_the_first_non_empty_value(store: SQLiteStore) -> None:
+async def test_series_attributes_keep_the_first_non_empty_value(store: Store) -> None:
     await store.ingest("w1", [record(1, modality="", series_number=None,
                                      series_description="")], T0)
     await store.ingest("w1", [record(2, modality="MR", series_number=4,
@@ -425,7 +478,7 @@ async def test_series_attributes_keep_the_first_non_empty_value(store: SQLiteSto
         "MR", 4, "Axial")
 
 
-async def test_series_date_and_time_fill_in_from_later_records(store: SQLiteStore) -> None:
+async def test_series_date_and_time_fill_in_from_later_records(store: Store) -> None:
     await store.ingest("w1", [record(1, series_date="", series_time="")], T0)
     await store.ingest("w1", [record(2, series_date="20240102", series_time="101500")], T0 + 1)
     series = await store.get_series("1.2.3.1")
@@ -435,7 +488,7 @@ async def test_series_date_and_time_fill_in_from_later_records(store: SQLiteStor
 
 @pytest.mark.parametrize("same_batch", [True, False], ids=["same-batch", "later-batch"])
 @pytest.mark.parametrize("same_series", [True, False], ids=["same-series", "new-series"])
-async def test_a_study_keeps_its_first_patient(store: SQLiteStore, same_batch: bool,
+async def test_a_study_keeps_its_first_patient(store: Store, same_batch: bool,
                                                same_series: bool) -> None:
     first = record(1, patient_id="P1", patient_name="First^P")
     other = record(2, series="1.2.3.1" if same_series else "1.2.3.2",
@@ -463,7 +516,7 @@ async def test_a_study_keeps_its_first_patient(store: SQLiteStore, same_batch: b
 # Stability ----------------------------------------------------------------------------
 
 
-async def test_mark_stable_only_marks_quiet_receiving_series(store: SQLiteStore) -> None:
+async def test_mark_stable_only_marks_quiet_receiving_series(store: Store) -> None:
     await store.ingest("w1", [record(1, series="A")], T0)
     await store.ingest("w1", [record(1, series="B")], T0 + 5)
     await store.ingest("w1", [record(1, series="C")], T0 - 50)
@@ -490,7 +543,7 @@ async def test_mark_stable_only_marks_quiet_receiving_series(store: SQLiteStore)
     assert c is not None and c["stable_since"] == iso(T0 - 30)  # untouched by later calls
 
 
-async def test_a_new_instance_reopens_a_stable_series(store: SQLiteStore) -> None:
+async def test_a_new_instance_reopens_a_stable_series(store: Store) -> None:
     await store.ingest("w1", [record(1)], T0)
     await store.mark_stable(["1.2.3.1"], T0 + 10, 10)
 
@@ -518,7 +571,7 @@ async def test_a_new_instance_reopens_a_stable_series(store: SQLiteStore) -> Non
 # Reads --------------------------------------------------------------------------------
 
 
-async def test_list_series_pages_walk_every_row_once(store: SQLiteStore) -> None:
+async def test_list_series_pages_walk_every_row_once(store: Store) -> None:
     uids = [f"1.2.3.{n}" for n in range(1, 8)]
     for i, uid in enumerate(uids):
         await store.ingest("w1", [record(1, series=uid)], T0 + i)
@@ -549,7 +602,7 @@ async def test_list_series_pages_walk_every_row_once(store: SQLiteStore) -> None
     assert empty.items == [] and empty.next_after is None
 
 
-async def test_list_series_filters(store: SQLiteStore) -> None:
+async def test_list_series_filters(store: Store) -> None:
     await store.ingest("w1", [
         record(1, series="s1", study="st1", patient_id="P1", modality="CT"),
         record(1, series="s2", study="st1", patient_id="P1", modality="MR"),
@@ -579,7 +632,7 @@ async def test_list_series_filters(store: SQLiteStore) -> None:
     assert rest.next_after is None
 
 
-async def test_get_series_lists_instances_by_instance_number(store: SQLiteStore) -> None:
+async def test_get_series_lists_instances_by_instance_number(store: Store) -> None:
     await store.ingest("w1", [record(3), record(1)], T0)
     await store.ingest("w2", [record(2, number_of_frames=5, rows=512, columns=256,
                                      transfer_syntax_uid="1.2.840.10008.1.2.1",
@@ -601,7 +654,7 @@ async def test_get_series_lists_instances_by_instance_number(store: SQLiteStore)
     assert await store.get_series("no.such.series") is None
 
 
-async def test_get_study_aggregates_its_series(store: SQLiteStore) -> None:
+async def test_get_study_aggregates_its_series(store: Store) -> None:
     await store.ingest("w1", [
         record(1, series="s1", modality="CT"), record(2, series="s1", modality="CT"),
         record(1, series="s2", modality="MR"),
@@ -625,7 +678,7 @@ async def test_get_study_aggregates_its_series(store: SQLiteStore) -> None:
                                                    ("other", 1, 1, ["PT"])]
 
 
-async def test_get_patient_lists_its_studies(store: SQLiteStore) -> None:
+async def test_get_patient_lists_its_studies(store: Store) -> None:
     await store.ingest("w1", [
         record(1, series="a1", study="A", study_description="Head"),
         record(1, series="b1", study="B", study_description="Foot"),
@@ -648,7 +701,7 @@ async def test_get_patient_lists_its_studies(store: SQLiteStore) -> None:
 # Keys ---------------------------------------------------------------------------------
 
 
-async def test_keys_are_created_found_listed_and_counted(store: SQLiteStore) -> None:
+async def test_keys_are_created_found_listed_and_counted(store: Store) -> None:
     assert await store.count_keys() == 0 and await store.list_keys() == []
     await store.create_key("reader", "read", "hash-r", T0)
     await store.create_key("admin", "admin", "hash-a", T0 + 1)
@@ -661,7 +714,7 @@ async def test_keys_are_created_found_listed_and_counted(store: SQLiteStore) -> 
         {"name": "reader", "role": "read", "created": iso(T0), "revoked": None}]
 
 
-async def test_a_live_key_name_is_unique(store: SQLiteStore) -> None:
+async def test_a_live_key_name_is_unique(store: Store) -> None:
     await store.create_key("w", "ingest", "hash-1", T0)
     with pytest.raises(StoreError, match="key named 'w'.* already exists"):
         await store.create_key("w", "read", "hash-2", T0 + 1)
@@ -669,7 +722,7 @@ async def test_a_live_key_name_is_unique(store: SQLiteStore) -> None:
     assert await store.find_key("hash-2") is None
 
 
-async def test_revoked_keys_are_not_found_and_free_their_name(store: SQLiteStore) -> None:
+async def test_revoked_keys_are_not_found_and_free_their_name(store: Store) -> None:
     await store.create_key("w", "ingest", "hash-1", T0)
     assert await store.revoke_key("w", T0 + 10) is True
     assert await store.find_key("hash-1") is None
@@ -693,7 +746,7 @@ async def test_revoked_keys_are_not_found_and_free_their_name(store: SQLiteStore
 # Watchers -----------------------------------------------------------------------------
 
 
-async def test_watcher_connect_and_disconnect_are_logged(store: SQLiteStore) -> None:
+async def test_watcher_connect_and_disconnect_are_logged(store: Store) -> None:
     connected = await store.watcher_connected("w1", "key-1", "watcher 1.0", "10.0.0.5", 7, T0)
     assert connected.kind == "watcher.connected" and connected.time == T0
     assert connected.payload == {
@@ -714,7 +767,7 @@ async def test_watcher_connect_and_disconnect_are_logged(store: SQLiteStore) -> 
     assert await all_changes(store) == [connected, disconnected, again]
 
 
-async def test_reset_watchers_disconnects_all(store: SQLiteStore) -> None:
+async def test_reset_watchers_disconnects_all(store: Store) -> None:
     await connect(store, "w1")
     await connect(store, "w2")
     await store.watcher_disconnected("w2", T0)
@@ -728,7 +781,7 @@ async def test_reset_watchers_disconnects_all(store: SQLiteStore) -> None:
     assert await store.last_seq() == seq
 
 
-async def test_ingest_updates_the_watcher_counters(store: SQLiteStore) -> None:
+async def test_ingest_updates_the_watcher_counters(store: Store) -> None:
     await connect(store, "w1", backlog=40, now=T0)
     await connect(store, "w2", backlog=1, now=T0)
     await store.ingest("w1", [record(1), record(2), record(1, path="dup.dcm"),
@@ -744,19 +797,59 @@ async def test_ingest_updates_the_watcher_counters(store: SQLiteStore) -> None:
     assert (w2["backlog"], w2["last_seen"]) == (12, iso(T0 + 3))
 
 
+# DICOMweb search ----------------------------------------------------------------------
+
+
+async def test_qido_matches_pages_and_counts_alike(store: Store) -> None:
+    people = [("P_1", "Doe^Jane"), ("PX1", "Roe^Rick"), ("P%1", "Yamada^Tarou=山田^太郎"),
+              ("P\\1", "O'Brien^Ann"), ("p_1", "doe^john"), ("P[1]", "Poe^Ed")]
+    records = [record(1, series=f"1.9.{n}", study=f"1.8.{n}", patient_id=patient_id,
+                      patient_name=name, modality="CT" if n % 2 else "MR")
+               for n, (patient_id, name) in enumerate(people)]
+    records.append(record(2, series="1.9.0", study="1.8.0", patient_id="P_1",
+                          patient_name="Doe^Jane", modality="MR"))
+    await store.ingest("w1", records, T0)
+
+    async def ids(*params: tuple[str, str]) -> list[str]:
+        rows, _ = await store.qido(qido.parse("study", list(params)))
+        return [row["PatientID"] for row in rows]
+
+    assert await ids() == [patient_id for patient_id, _ in people]  # oldest study first
+    for literal in ("P_1", "P%1", "P\\1", "P[1]"):  # no character but * and ? is a wildcard
+        assert await ids(("PatientID", literal)) == [literal]
+    assert await ids(("PatientID", "P?1")) == ["P_1", "PX1", "P%1", "P\\1"]  # case-sensitive
+    assert await ids(("PatientID", "*1")) == ["P_1", "PX1", "P%1", "P\\1", "p_1"]
+    assert await ids(("PatientName", "doe*")) == ["p_1"]
+    assert await ids(("PatientName", "doe"), ("fuzzymatching", "true")) == ["P_1", "p_1"]
+    assert await ids(("PatientName", "山田^太郎")) == ["P%1"]  # the ideographic group
+    assert await ids(("PatientName", "O'Brien^Ann")) == ["P\\1"]
+
+    rows, more = await store.qido(qido.parse("study", [("limit", "2"), ("offset", "1")]))
+    assert [row["PatientID"] for row in rows] == ["PX1", "P%1"] and more
+    rows, more = await store.qido(qido.parse("study", [("limit", "2"), ("offset", "4")]))
+    assert [row["PatientID"] for row in rows] == ["p_1", "P[1]"] and not more
+
+    [row], more = await store.qido(qido.parse("study", [("StudyInstanceUID", "1.8.0")]))
+    assert (row["NumberOfStudyRelatedSeries"], row["NumberOfStudyRelatedInstances"]) == (1, 2)
+    assert row["ModalitiesInStudy"] == "MR" and not more
+    series, _ = await store.qido(qido.parse("series", [("Modality", "CT")]))
+    assert [s["SeriesInstanceUID"] for s in series] == ["1.9.1", "1.9.3", "1.9.5"]
+    [instance], _ = await store.qido(qido.parse("instance", [("SOPInstanceUID", "1.9.0.2")]))
+    assert (instance["InstanceNumber"], instance["SeriesInstanceUID"]) == (2, "1.9.0")
+
+
 # Schema and files ---------------------------------------------------------------------
 
 
-async def test_reopening_keeps_the_data(tmp_path: Path) -> None:
-    path = tmp_path / "hub.sqlite3"
-    first = SQLiteStore(path)
+async def test_reopening_keeps_the_data(make_store: Callable[[], Store]) -> None:
+    first = make_store()
     await first.open()
     await first.ingest("w1", [record(1), record(2), rejection("x.dcm")], T0)
     await first.create_key("k", "read", "hash-k", T0)
     stats = await first.stats()
     await first.close()
 
-    second = SQLiteStore(path)
+    second = make_store()
     await second.open()
     try:
         assert await second.stats() == stats
@@ -768,32 +861,29 @@ async def test_reopening_keeps_the_data(tmp_path: Path) -> None:
         assert result.changes[0].seq == stats["last_seq"] + 1
     finally:
         await second.close()
-    with contextlib.closing(sqlite3.connect(path)) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION
+    assert await schema_version(second) == current_version(second)
 
 
-async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "hub.sqlite3"
-    store = SQLiteStore(path)
+async def test_a_newer_schema_is_refused(make_store: Callable[[], Store]) -> None:
+    store = make_store()
     await store.open()
     await store.ingest("w1", [record(1)], T0)
     await store.close()
-    with contextlib.closing(sqlite3.connect(path)) as con:
-        con.execute(f"PRAGMA user_version = {schema.VERSION + 1}")
-        con.commit()
+    newer_version = current_version(store) + 1
+    await set_schema_version(store, newer_version)
 
-    newer = SQLiteStore(path)
+    newer = make_store()
     try:
-        with pytest.raises(StoreError, match=rf"version {schema.VERSION + 1} is newer"):
+        with pytest.raises(StoreError, match=rf"version {newer_version} is newer"):
             await newer.open()
     finally:
         await newer.close()
-    with contextlib.closing(sqlite3.connect(path)) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION + 1
-        assert con.execute("SELECT count(*) FROM instances").fetchone()[0] == 1
+    assert await schema_version(newer) == newer_version
+    assert await raw(newer, "SELECT count(*) FROM instances") == [(1,)]
 
 
 async def test_the_database_folder_is_created(tmp_path: Path) -> None:
+    # SQLite only: a PostgreSQL database lives in its server, with no file of ours.
     path = tmp_path / "not" / "yet" / "there" / "hub.sqlite3"
     store = SQLiteStore(path)
     await store.open()
@@ -804,16 +894,23 @@ async def test_the_database_folder_is_created(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_a_fresh_database_is_migrated_and_in_wal_mode(store: SQLiteStore) -> None:
-    with contextlib.closing(sqlite3.connect(store.path)) as con:
-        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert con.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+async def test_a_fresh_database_is_migrated(store: Store) -> None:
+    assert await schema_version(store) == current_version(store)
+    if isinstance(store, SQLiteStore):
+        assert await raw(store, "PRAGMA journal_mode") == [("wal",)]
+        tables = {r[0] for r in await raw(
+            store, "SELECT name FROM sqlite_master WHERE type='table'")}
+    else:
+        tables = {r[0] for r in await raw(
+            store, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
     assert {"patients", "studies", "series", "instances", "files", "rejections", "keys",
-            "watchers", "changes"} <= tables
+            "watchers", "changes", "sessions", "audit", "settings"} <= tables
+    secret = await store.setting("mask_secret")  # made by the migration, 32 random bytes
+    assert secret is not None and len(bytes.fromhex(secret)) == 32
 
 
 async def test_a_path_that_cannot_be_a_database_is_a_store_error(tmp_path: Path) -> None:
+    # SQLite only; PostgreSQL's open errors are in test_pg_store.py.
     folder = tmp_path / "db"
     folder.mkdir()
     store = SQLiteStore(folder)  # a directory, not a file
@@ -827,7 +924,7 @@ async def test_a_path_that_cannot_be_a_database_is_a_store_error(tmp_path: Path)
 # Times --------------------------------------------------------------------------------
 
 
-async def test_times_are_iso_utc_with_z(store: SQLiteStore) -> None:
+async def test_times_are_iso_utc_with_z(store: Store) -> None:
     assert iso(T0) == "2023-11-14T22:13:20.000Z"
     assert iso(T0 + 0.5) == "2023-11-14T22:13:20.500Z"
     await connect(store, now=T0)
