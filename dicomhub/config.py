@@ -64,7 +64,9 @@ class DicomConfig:
 
 @dataclass(frozen=True)
 class WatcherConfig:
-    hub_url: str = "ws://127.0.0.1:8080/ws/ingest"
+    hub_url: str = "ws://127.0.0.1:8080/ws/ingest"  # the first hub tried
+    # Further hubs, tried in turn when one cannot be reached (config: hub_url as a list).
+    failover_urls: tuple[str, ...] = ()
     watch: tuple[Path, ...] = (Path("inbox"),)
     state_dir: Path = Path("data/watcher")
     settle: float = 1.0
@@ -82,6 +84,11 @@ class WatcherConfig:
     client_key: Path | None = None
     encryption_key_env: str = ""  # names the variable holding the outbox key
     dicom: DicomConfig = field(default_factory=DicomConfig)
+
+    @property
+    def hub_urls(self) -> tuple[str, ...]:
+        """Every hub, in the order the watcher tries them."""
+        return (self.hub_url, *self.failover_urls)
 
     @property
     def dicom_folder(self) -> Path:
@@ -271,14 +278,30 @@ def _dicom(section: _Section, watch: tuple[Path, ...]) -> DicomConfig:
     return dicom
 
 
+def _hub_urls(section: _Section, default: str) -> tuple[str, ...]:
+    """`hub_url`: one URL, or a list of them tried in turn (each once)."""
+    key = f"{section.name}.hub_url"
+    value = section._get("hub_url", default)
+    urls = [value] if isinstance(value, str) else value
+    if not isinstance(urls, list) or not urls:
+        raise _fail(key, value, "expected a ws:// or wss:// URL, or a non-empty list of them")
+    for n, url in enumerate(urls):
+        if not isinstance(url, str):
+            raise _fail(key, url, "not a string")
+        if not url.startswith(("ws://", "wss://")):
+            raise _fail(key, url, "must start with ws:// or wss://")
+        if url in urls[:n]:
+            raise _fail(key, url, "listed twice")
+    return tuple(urls)
+
+
 def _watcher(section: _Section) -> WatcherConfig:
     d = WatcherConfig()
     dicom_table = section._get("dicom", {})
-    url = section.string("hub_url", d.hub_url)
-    if not url.startswith(("ws://", "wss://")):
-        raise _fail("watcher.hub_url", url, "must start with ws:// or wss://")
+    first, *others = _hub_urls(section, d.hub_url)
     watcher = WatcherConfig(
-        hub_url=url,
+        hub_url=first,
+        failover_urls=tuple(others),
         watch=section.paths("watch", d.watch),
         state_dir=section.required_path("state_dir", d.state_dir),
         settle=section.number("settle", d.settle, 0.0, 3600.0),

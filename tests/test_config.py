@@ -136,6 +136,35 @@ def test_watch_must_be_a_non_empty_list_of_folders(tmp_path: Path, value: str) -
     assert "expected a non-empty list of folders" in message
 
 
+def test_hub_url_accepts_a_string_or_a_list(tmp_path: Path) -> None:
+    one = write_config(tmp_path / "a", '[watcher]\nhub_url = "wss://a:443/ws/ingest"\n')
+    many = write_config(tmp_path / "b", '[watcher]\nhub_url = ["ws://a:8080/ws/ingest", '
+                                        '"wss://b:443/ws/ingest"]\n')
+    single = load(one, environ=NO_ENV).watcher
+    assert (single.hub_url, single.failover_urls) == ("wss://a:443/ws/ingest", ())
+    assert single.hub_urls == ("wss://a:443/ws/ingest",)
+    several = load(many, environ=NO_ENV).watcher
+    assert several.hub_url == "ws://a:8080/ws/ingest"
+    assert several.failover_urls == ("wss://b:443/ws/ingest",)
+    assert several.hub_urls == ("ws://a:8080/ws/ingest", "wss://b:443/ws/ingest")
+
+
+@pytest.mark.parametrize("value,shown,why", [
+    ('["ws://a/ws/ingest", "http://b:8080/ws/ingest"]', "'http://b:8080/ws/ingest'",
+     "must start with ws:// or wss://"),
+    ('["ws://a/ws/ingest", 5]', "5", "not a string"),
+    ("[]", "[]", "expected a ws:// or wss:// URL, or a non-empty list of them"),
+    ("5", "5", "expected a ws:// or wss:// URL, or a non-empty list of them"),
+    ('["ws://a/ws/ingest", "ws://b/ws/ingest", "ws://a/ws/ingest"]', "'ws://a/ws/ingest'",
+     "listed twice"),
+])
+def test_hub_url_lists_are_checked_entry_by_entry(tmp_path: Path, value: str, shown: str,
+                                                  why: str) -> None:
+    message = load_error(write_config(tmp_path, f"[watcher]\nhub_url = {value}\n"))
+    assert message == f"Config 'watcher.hub_url' has value {shown}: {why}"
+    assert "\n" not in message
+
+
 def test_an_empty_key_file_means_none(tmp_path: Path) -> None:
     path = write_config(tmp_path, '[watcher]\nkey_file = ""\n')
     assert load(path, environ=NO_ENV).watcher.key_file is None

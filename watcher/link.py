@@ -5,6 +5,11 @@ in flight, and deletes a batch from the outbox only when the hub acknowledges
 it. On any disconnect everything unacknowledged is simply sent again after
 reconnecting: the hub is idempotent by SOP Instance UID, so a batch that was
 committed but whose acknowledgement was lost costs nothing but bandwidth.
+
+With several hubs configured it is connected to one at a time and fails over
+to the next when an attempt fails or a connection drops (see `Rotation`).
+What the previous hub had not acknowledged is still in the outbox, so the new
+hub receives it like any other unacknowledged batch.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import collections
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -43,11 +49,12 @@ WELCOME_TIMEOUT = 30.0
 MAX_FRAME = 16 * 1024 * 1024
 
 
-def client_ssl(url: str, ca_file: Path | None, client_cert: Path | None,
+def client_ssl(urls: Sequence[str], ca_file: Path | None, client_cert: Path | None,
                client_key: Path | None) -> ssl.SSLContext | None:
-    """For a wss:// hub: verify it against `ca_file` (else the system store), and
-    present a client certificate when one is configured. None for ws://."""
-    if not url.startswith("wss://"):
+    """For wss:// hubs: verify each against `ca_file` (else the system store) and
+    its own host name, and present a client certificate when one is configured.
+    None when every hub is ws://."""
+    if not any(url.startswith("wss://") for url in urls):
         return None
     context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -60,14 +67,57 @@ class LinkError(Exception):
     """The hub answered in a way that ends this connection."""
 
 
+class Rotation:
+    """Which hub to try next, and how long to wait first (pure: no I/O, no clock).
+
+    Hubs are tried in turn, round robin. After an attempt the next hub is tried at
+    once, unless every hub has had an attempt since the last wait: then the next
+    backoff delay applies, so a watcher whose hubs are all down does not spin, and
+    a single hub is retried exactly as before there were several. A session that
+    got going (the hub acknowledged records, or closed the connection cleanly)
+    starts afresh: a new backoff, and that session counts as the round's first
+    attempt. A welcome alone is not getting going, so hubs that welcome a watcher
+    and then refuse its batches every time cannot make it spin.
+    """
+
+    def __init__(self, urls: Sequence[str], delays: Callable[[], Iterator[float]]) -> None:
+        if not urls:
+            raise ValueError("a link needs at least one hub URL")
+        self.urls, self._new_delays = tuple(urls), delays
+        self._delays = delays()
+        self._index = 0
+        self._tried = 0  # attempts since the last wait or the last session that got going
+
+    @property
+    def url(self) -> str:
+        """The hub to try now (or the one connected to)."""
+        return self.urls[self._index]
+
+    def advance(self, got_going: bool) -> float | None:
+        """Move on after an attempt on `url` ended: the seconds to wait before
+        trying the (new) `url`, or None to try it at once."""
+        if got_going:
+            self._delays, self._tried = self._new_delays(), 0
+        self._tried += 1
+        self._index = (self._index + 1) % len(self.urls)
+        if self._tried < len(self.urls):
+            return None
+        self._tried = 0
+        return next(self._delays)
+
+
 class Link:
-    def __init__(self, url: str, key: str, watcher_id: str, state: State, *,
+    def __init__(self, urls: Sequence[str], key: str, watcher_id: str, state: State, *,
                  batch_size: int = 200, window: int = 4,
                  delays: Callable[[], Iterator[float]] = backoff,
                  tls: ssl.SSLContext | None = None) -> None:
-        self.url, self.key, self.watcher_id, self.state = url, key, watcher_id, state
+        """`urls`: the hubs, tried in this order; `tls` is used for the wss:// ones."""
+        self.key, self.watcher_id, self.state = key, watcher_id, state
         self.tls = tls
-        self.batch_size, self.window, self._delays = batch_size, window, delays
+        self.batch_size, self.window = batch_size, window
+        self._rotation = Rotation(urls, delays)
+        self._last_hub: str | None = None  # the hub of the last session welcomed
+        self._acknowledged_any = False  # in the current session
         self._wake = asyncio.Event()
         self.connected = asyncio.Event()
         self.delivered = 0  # records acknowledged since start
@@ -77,45 +127,63 @@ class Link:
         self._refused = asyncio.Event()
         self._reported = -1  # the backlog the hub last heard of
 
+    @property
+    def url(self) -> str:
+        """The hub in use: connected to, or being tried."""
+        return self._rotation.url
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self._rotation.urls
+
     def wake(self) -> None:
         """New records are in the outbox."""
         self._wake.set()
 
     async def run(self) -> None:
-        """Stay connected until cancelled, reconnecting with backoff and jitter."""
-        delays = self._delays()
+        """Stay connected until cancelled: after a failed attempt or a lost connection
+        try the next hub, waiting with backoff and jitter after each full round."""
         while True:
+            url = self.url
+            self._acknowledged_any = False
+            closed_cleanly = False
             try:
                 async with connect(
-                    self.url,
+                    url,
                     additional_headers={"Authorization": f"Bearer {self.key}"},
                     user_agent_header=f"dicomhub-watcher/{__version__}",
                     proxy=None, open_timeout=10, ping_interval=20, ping_timeout=20,
                     max_size=MAX_FRAME, compression=None,
-                    ssl=self.tls,
+                    ssl=self.tls if url.startswith("wss://") else None,
                 ) as ws:
                     await self._session(ws)
-                    delays = self._delays()  # a session that got going resets the backoff
+                    closed_cleanly = True
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in (401, 403):
-                    log.error("the hub refused the ingest key (HTTP %d): check "
-                              "$DICOMHUB_KEY or [watcher] key_file, and the key's role", status)
+                    log.error("the hub at %s refused the ingest key (HTTP %d): check "
+                              "$DICOMHUB_KEY or [watcher] key_file, and the key's role",
+                              _shown(url), status)
                 else:
-                    log.warning("the hub refused the connection: HTTP %d", status)
+                    log.warning("the hub at %s refused the connection: HTTP %d",
+                                _shown(url), status)
             except ssl.SSLCertVerificationError as exc:
-                log.error("the hub's TLS certificate is not trusted (%s): refusing to "
-                          "connect; check [watcher] ca_file", exc.verify_message)
+                log.error("the TLS certificate of the hub at %s is not trusted (%s): "
+                          "refusing to connect; check [watcher] ca_file", _shown(url),
+                          exc.verify_message)
             except StateError as exc:
                 log.error("%s; retrying", exc)
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError, LinkError) as exc:
-                log.warning("hub connection lost or refused: %s", _describe(exc))
+                log.warning("connection to the hub at %s lost or refused: %s", _shown(url),
+                            _describe(exc))
             finally:
                 self.connected.clear()
             cancelled_quietly()
-            delay = next(delays)
-            log.info("reconnecting in %.1f s (%d records waiting)", delay, self.state.backlog)
-            await asyncio.sleep(delay)
+            delay = self._rotation.advance(closed_cleanly or self._acknowledged_any)
+            if delay is not None:
+                log.info("reconnecting in %.1f s (%d records waiting)", delay,
+                         self.state.backlog)
+                await asyncio.sleep(delay)
 
     async def _session(self, ws: ClientConnection) -> None:
         await ws.send(encode_message(Hello(watcher_id=self.watcher_id, protocol=PROTOCOL_VERSION,
@@ -127,8 +195,13 @@ class Link:
             raise LinkError(f"hub refused the hello: {reply.message}")
         if not isinstance(reply, Welcome):
             raise LinkError(f"expected a welcome, got {reply.type!r}")
-        log.info("connected to %s (%s); %d records waiting", self.url, reply.hub,
-                 self.state.backlog)
+        previous, self._last_hub = self._last_hub, self.url
+        if previous is not None and previous != self.url:
+            log.warning("connected to %s (%s), failing over from %s; %d records waiting",
+                        _shown(self.url), reply.hub, _shown(previous), self.state.backlog)
+        else:
+            log.info("connected to %s (%s); %d records waiting", _shown(self.url), reply.hub,
+                     self.state.backlog)
         self.connected.set()
         self._reported = self.state.backlog
         in_flight: collections.deque[tuple[int, int, int]] = collections.deque()
@@ -160,6 +233,7 @@ class Link:
         if not in_flight or in_flight[0][1] != ack.batch_id:
             raise LinkError(f"acknowledgement for unknown batch {ack.batch_id}")
         first, last, count = in_flight.popleft()
+        self._acknowledged_any = True
         try:
             self.delivered += await self.state.acknowledge(first, last)
         except StateError as exc:
@@ -225,6 +299,13 @@ def _parse(frame: str | bytes) -> Ack | Error | Welcome:
     if not isinstance(message, (Ack, Error, Welcome)):
         raise LinkError(f"unexpected {message.type!r} message from the hub")
     return message
+
+
+def _shown(url: str) -> str:
+    """The URL as logged: without a user:password part, a query or a fragment."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="",
+                          fragment="").geturl()
 
 
 def _describe(exc: BaseException) -> str:

@@ -102,7 +102,7 @@ class Watcher:
         tasks: list[asyncio.Task[None]] = []
         try:
             self.watcher_id = self.watcher_id or await self._default_id()
-            self.link = Link(self.config.hub_url, self.key, self.watcher_id, self.state,
+            self.link = Link(self.config.hub_urls, self.key, self.watcher_id, self.state,
                              batch_size=self.config.batch_size, tls=self._tls(),
                              delays=functools.partial(backoff, cap=self.config.reconnect_max))
             # Start the parsers now, not on the first file: spawning one and importing
@@ -179,7 +179,7 @@ class Watcher:
     def _tls(self) -> ssl.SSLContext | None:
         c = self.config
         try:
-            return client_ssl(c.hub_url, c.ca_file, c.client_cert, c.client_key)
+            return client_ssl(c.hub_urls, c.ca_file, c.client_cert, c.client_key)
         except (OSError, ssl.SSLError) as exc:
             raise StateError(f"cannot load the watcher's TLS files: {exc}") from None
 
