@@ -181,7 +181,9 @@ async def _up(config: Config) -> None:
         # Its own hub: trust the hub's certificate (self-signed is fine) unless told
         # which CA to use.
         ca_file = config.watcher.ca_file or config.hub.tls_cert
-        watcher = Watcher(replace(config.watcher, hub_url=ws_url, ca_file=ca_file), ingest_key)
+        # The embedded hub only: failover hubs of the config are not for `up`.
+        watcher = Watcher(replace(config.watcher, hub_url=ws_url, failover_urls=(),
+                                  ca_file=ca_file), ingest_key)
         folders = ", ".join(str(p) for p in config.watcher.watch)
         lines = [f"dicomhub {__version__} is running",
                  f"  dashboard   {url}/login?token={login}  (one-time link)",
