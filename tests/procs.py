@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import os
 import re
 import signal
@@ -15,6 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
+import factory
 from conftest import TIMEOUT, Api, wait_for
 
 PR_CAPBSET_DROP = 24
@@ -155,3 +159,85 @@ def without_root_file_access() -> None:
     for capability in (1, 2):
         if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "cannot drop a capability")
+
+
+# several hubs -----------------------------------------------------------------------
+
+
+class LiveClient:
+    """A dashboard's view of /ws/live: the change seqs it received, in order. When
+    its hub goes away it resumes on another with ?since=, as the dashboard does."""
+
+    def __init__(self, http: aiohttp.ClientSession, key: str) -> None:
+        self.http, self.key = http, key
+        self.seqs: list[int] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def follow(self, url: str) -> None:
+        since = self.seqs[-1] if self.seqs else 0
+        self.task = asyncio.create_task(self._read(f"{url}/ws/live?since={since}"))
+
+    async def _read(self, url: str) -> None:
+        async with self.http.ws_connect(url, headers={"Authorization": f"Bearer {self.key}"},
+                                        heartbeat=None) as ws:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                data = json.loads(msg.data)
+                if "seq" in data and data.get("kind") != "stats":
+                    self.seqs.append(int(data["seq"]))
+
+    async def lost(self) -> None:
+        """Wait until the connection has ended (its hub died)."""
+        assert self.task is not None
+        await asyncio.wait_for(self.task, TIMEOUT)
+
+
+def drop(inbox: Path, name: str, study: str, series: int, count: int) -> None:
+    """`count` instances of one series, each written aside and renamed in whole."""
+    staging = inbox.parent / f"staging-{inbox.name}"
+    staging.mkdir(exist_ok=True)
+    for n in range(count):
+        path = staging / f"{name}-{n}.dcm"
+        factory.write(path, StudyInstanceUID=study, SeriesInstanceUID=f"{study}.{series}",
+                      InstanceNumber=n + 1, PatientID=f"P{series}")
+        os.rename(path, inbox / path.name)
+
+
+def shared_hub_config(tmp_path: Path, database_url: str) -> tuple[str, str]:
+    """config.toml for hubs on one PostgreSQL database, and (ingest, read) keys in it."""
+    write_config(tmp_path, hub=f'database = "{database_url}"')
+    ingest = run_cli("keys", "create", "--role", "ingest", "--name", "w", cwd=tmp_path)
+    read = run_cli("keys", "create", "--role", "read", "--name", "r", cwd=tmp_path)
+    return ingest.stdout.strip(), read.stdout.strip()
+
+
+async def start_hub(tmp_path: Path, services: list[Service], name: str) -> tuple[Service, str]:
+    """A hub process on tmp_path/config.toml: (service, base URL)."""
+    hub = await Service.start("hub", cwd=tmp_path, name=name)
+    services.append(hub)
+    return hub, (await hub.read_until(r"listening on (http://\S+)")).group(1)
+
+
+async def start_watcher(tmp_path: Path, services: list[Service], name: str,
+                        hub_urls: list[str], key: str) -> Path:
+    """A watcher process on a new inbox, sending to `hub_urls` (http:// base URLs or
+    ws:// ingest URLs) in turn; returns the inbox once it is connected."""
+    inbox = tmp_path / f"inbox-{name}"
+    inbox.mkdir()
+    urls = [u if u.startswith("ws") else u.replace("http", "ws", 1) + "/ws/ingest"
+            for u in hub_urls]
+    (tmp_path / f"{name}.toml").write_text(textwrap.dedent(f"""\
+        [watcher]
+        hub_url = [{", ".join(f'"{u}"' for u in urls)}]
+        watch = ["{inbox}"]
+        state_dir = "{tmp_path / f'state-{name}'}"
+        settle = 0.2
+        workers = 1
+        reconnect_max = 1.0
+        """))
+    watcher = await Service.start("watch", "--config", f"{name}.toml", cwd=tmp_path,
+                                  env={"DICOMHUB_KEY": key}, name=name)
+    services.append(watcher)
+    await watcher.logged(r"connected to")
+    return inbox

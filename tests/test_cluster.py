@@ -4,103 +4,38 @@ nothing, and its watcher and the series timers move to the survivor."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
 import signal
-import textwrap
 from collections import defaultdict
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-import factory
-from conftest import TIMEOUT, Api, wait_for
-from procs import Service, all_changes, run_cli, write_config
+from conftest import Api, wait_for
+from procs import (
+    LiveClient,
+    Service,
+    all_changes,
+    drop,
+    shared_hub_config,
+    start_hub,
+    start_watcher,
+)
 
 pytestmark = pytest.mark.asyncio
 
 STABLE_AFTER = 1.0
 
 
-class LiveClient:
-    """A dashboard's view of /ws/live: the change seqs it received, in order. When
-    its hub goes away it resumes on another with ?since=, as the dashboard does."""
-
-    def __init__(self, http: aiohttp.ClientSession, key: str) -> None:
-        self.http, self.key = http, key
-        self.seqs: list[int] = []
-        self.task: asyncio.Task[None] | None = None
-
-    def follow(self, url: str) -> None:
-        since = self.seqs[-1] if self.seqs else 0
-        self.task = asyncio.create_task(self._read(f"{url}/ws/live?since={since}"))
-
-    async def _read(self, url: str) -> None:
-        async with self.http.ws_connect(url, headers={"Authorization": f"Bearer {self.key}"},
-                                        heartbeat=None) as ws:
-            async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    break
-                data = json.loads(msg.data)
-                if "seq" in data and data.get("kind") != "stats":
-                    self.seqs.append(int(data["seq"]))
-
-    async def lost(self) -> None:
-        """Wait until the connection has ended (its hub died)."""
-        assert self.task is not None
-        await asyncio.wait_for(self.task, TIMEOUT)
-
-
-def drop(inbox: Path, name: str, study: str, series: int, count: int) -> None:
-    """`count` instances of one series, each written aside and renamed in whole."""
-    staging = inbox.parent / f"staging-{inbox.name}"
-    staging.mkdir(exist_ok=True)
-    for n in range(count):
-        path = staging / f"{name}-{n}.dcm"
-        factory.write(path, StudyInstanceUID=study, SeriesInstanceUID=f"{study}.{series}",
-                      InstanceNumber=n + 1, PatientID=f"P{series}")
-        os.rename(path, inbox / path.name)
-
-
 async def test_two_hubs_share_the_log_and_survive_a_kill(
         tmp_path: Path, services: list[Service], pg_database: str) -> None:
-    write_config(tmp_path, hub=f'database = "{pg_database}"')
-    ingest = run_cli("keys", "create", "--role", "ingest", "--name", "w", cwd=tmp_path)
-    read = run_cli("keys", "create", "--role", "read", "--name", "r", cwd=tmp_path)
-    ingest_key, read_key = ingest.stdout.strip(), read.stdout.strip()
-
-    async def start_hub(name: str) -> tuple[Service, str]:
-        hub = await Service.start("hub", cwd=tmp_path, name=name)
-        services.append(hub)
-        return hub, (await hub.read_until(r"listening on (http://\S+)")).group(1)
-
-    hub_a, url_a = await start_hub("hubA")
+    ingest_key, read_key = shared_hub_config(tmp_path, pg_database)
+    hub_a, url_a = await start_hub(tmp_path, services, "hubA")
     await hub_a.logged(r"now runs the series stability timers")  # A leads
-    hub_b, url_b = await start_hub("hubB")
-
-    async def start_watcher(name: str, urls: list[str]) -> Path:
-        inbox = tmp_path / f"inbox-{name}"
-        inbox.mkdir()
-        hubs = ", ".join(f'"{u.replace("http", "ws", 1)}/ws/ingest"' for u in urls)
-        (tmp_path / f"{name}.toml").write_text(textwrap.dedent(f"""\
-            [watcher]
-            hub_url = [{hubs}]
-            watch = ["{inbox}"]
-            state_dir = "{tmp_path / f'state-{name}'}"
-            settle = 0.2
-            workers = 1
-            reconnect_max = 1.0
-            """))
-        watcher = await Service.start("watch", "--config", f"{name}.toml", cwd=tmp_path,
-                                      env={"DICOMHUB_KEY": ingest_key}, name=name)
-        services.append(watcher)
-        await watcher.logged(r"connected to")
-        return inbox
-
-    inbox1 = await start_watcher("w1", [url_a, url_b])  # sends to A, fails over to B
-    inbox2 = await start_watcher("w2", [url_b, url_a])  # sends to B throughout
+    hub_b, url_b = await start_hub(tmp_path, services, "hubB")
+    # w1 sends to A and fails over to B; w2 sends to B throughout.
+    inbox1 = await start_watcher(tmp_path, services, "w1", [url_a, url_b], ingest_key)
+    inbox2 = await start_watcher(tmp_path, services, "w2", [url_b, url_a], ingest_key)
 
     async with aiohttp.ClientSession() as http:
         client_a, client_b = LiveClient(http, read_key), LiveClient(http, read_key)
