@@ -127,7 +127,8 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         if sockets.get(watcher_id) is ws:
             del sockets[watcher_id]
             change = await store.watcher_disconnected(watcher_id, time.time())
-            app[PUBLISH]([change])
+            if change is not None:
+                app[PUBLISH]([change])
             log.info("watcher %s disconnected", watcher_id)
     return ws
 

@@ -59,6 +59,7 @@ def series_item(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def watcher_item(row: Mapping[str, Any]) -> dict[str, Any]:
     item = dict(row)
+    item.pop("hub", None)  # the hub's session name: internal, and SQLite has none
     item["connected"] = bool(item["connected"])
     item["first_seen"], item["last_seen"] = iso(item["first_seen"]), iso(item["last_seen"])
     return item

@@ -198,6 +198,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX studies_accession ON studies(accession_number)",
         "CREATE INDEX patients_name ON patients(patient_name)",
     ),
+    # 6: which hub (its sessions' application_name) a watcher is connected through,
+    # so that one hub's start or a watcher's move does not mark it disconnected.
+    (
+        f"ALTER TABLE watchers ADD COLUMN hub {_TEXT} DEFAULT ''",
+    ),
 )
 
 VERSION = len(MIGRATIONS)

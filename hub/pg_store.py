@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -54,6 +56,8 @@ T = TypeVar("T")
 
 CHANGES_LOCK = 0x6469636F6D680002  # pg_advisory_xact_lock: one change-log writer at a time
 POOL_SIZE = 10
+HUB_PREFIX = "dicomhub-hub-"  # application_name of every session of a hub, + its id
+SWEEP_INTERVAL = 5.0  # seconds between the leader's sweeps of dead hubs' watchers
 CONNECT_TIMEOUT = 10.0
 MAX_ID = 2**63 - 1
 MIN_VERSION = 13  # gen_random_uuid() in core
@@ -131,6 +135,10 @@ class PGStore(Store):
 
     def __init__(self, url: str) -> None:
         self.url = url  # postgresql://user@host/db (a password, if any, is never shown)
+        # This hub's sessions carry this name: other hubs see in pg_stat_activity
+        # whether the hub a watcher is connected through is still alive.
+        self.hub = f"{HUB_PREFIX}{secrets.token_hex(6)}"
+        self._swept = 0.0
         self._pool: Any = None
         self._appending = asyncio.Lock()
         self._lease = Lease(self._connect)
@@ -153,7 +161,7 @@ class PGStore(Store):
                 durable = await con.fetchval("SHOW synchronous_commit") != "off"
             finally:
                 await close_quietly(con)
-            settings = {"application_name": "dicomhub"}
+            settings = {"application_name": self.hub}
             if not durable:
                 settings["synchronous_commit"] = "on"  # a session default: RESET keeps it
             self._pool = await asyncpg.create_pool(
@@ -178,7 +186,7 @@ class PGStore(Store):
 
     async def _connect(self) -> Any:
         return await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT,
-                                     server_settings={"application_name": "dicomhub"})
+                                     server_settings={"application_name": self.hub})
 
     @property
     def _db(self) -> Any:
@@ -214,7 +222,13 @@ class PGStore(Store):
     # several hubs ------------------------------------------------------------
 
     async def lead(self) -> bool:
-        return await self._lease.check()
+        leading = await self._lease.check()
+        if leading and time.monotonic() - self._swept > SWEEP_INTERVAL:
+            # The leader also notices hubs that died (SIGKILL, a lost machine): their
+            # watchers are not connected any more, whatever their rows say.
+            self._swept = time.monotonic()
+            await self.reset_watchers()
+        return leading
 
     async def listen_changes(self, wake: Callable[[], None]) -> None:
         """Call `wake` after every commit that appended changes, from any hub on this
@@ -257,22 +271,25 @@ class PGStore(Store):
         async def run(changelog: ChangeLog) -> Change:
             await changelog.con.execute(
                 "INSERT INTO watchers (watcher_id, key_name, software, address, connected,"
-                " backlog, first_seen, last_seen) VALUES ($1, $2, $3, $4, 1, $5, $6, $7) "
-                "ON CONFLICT (watcher_id) DO UPDATE SET key_name = excluded.key_name,"
+                " backlog, first_seen, last_seen, hub) VALUES ($1, $2, $3, $4, 1, $5, $6, $7,"
+                " $8) ON CONFLICT (watcher_id) DO UPDATE SET key_name = excluded.key_name,"
                 " software = excluded.software, address = excluded.address, connected = 1,"
-                " backlog = excluded.backlog, last_seen = excluded.last_seen",
+                " backlog = excluded.backlog, last_seen = excluded.last_seen,"
+                " hub = excluded.hub",
                 watcher_id, without_nul(key_name), without_nul(software),
-                without_nul(address), backlog, now, now)
+                without_nul(address), backlog, now, now, self.hub)
             return await changelog.append(now, "watcher.connected",
                                           await changelog.watcher_state(watcher_id))
 
         return await self._append(run)
 
-    async def watcher_disconnected(self, watcher_id: str, now: float) -> Change:
-        async def run(changelog: ChangeLog) -> Change:
-            await changelog.con.execute(
-                "UPDATE watchers SET connected = 0, last_seen = $1 WHERE watcher_id = $2",
-                now, watcher_id)
+    async def watcher_disconnected(self, watcher_id: str, now: float) -> Change | None:
+        async def run(changelog: ChangeLog) -> Change | None:
+            moved = await changelog.con.fetchval(
+                "UPDATE watchers SET connected = 0, last_seen = $1 WHERE watcher_id = $2"
+                " AND hub = $3 RETURNING 0", now, watcher_id, self.hub) is None
+            if moved:
+                return None  # it is connected through another hub by now
             return await changelog.append(now, "watcher.disconnected",
                                           await changelog.watcher_state(watcher_id))
 
@@ -284,8 +301,12 @@ class PGStore(Store):
             backlog, now, watcher_id))
 
     async def reset_watchers(self) -> None:
-        """At start no watcher is connected, whatever the last run left behind."""
-        await self._write(lambda con: con.execute("UPDATE watchers SET connected = 0"))
+        """No watcher is connected through a hub that is gone (this hub's last run
+        among them); those connected through hubs still running stay as they are."""
+        await self._write(lambda con: con.execute(
+            "UPDATE watchers SET connected = 0 WHERE connected = 1 AND hub NOT IN"
+            " (SELECT application_name FROM pg_stat_activity"
+            "  WHERE application_name LIKE $1)", HUB_PREFIX + "%"))
 
     async def list_watchers(self) -> list[dict[str, Any]]:
         rows = await self._fetch("SELECT * FROM watchers ORDER BY watcher_id")

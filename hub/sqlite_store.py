@@ -207,7 +207,7 @@ class SQLiteStore(Store):
 
         return await self._writer.transaction(run)
 
-    async def watcher_disconnected(self, watcher_id: str, now: float) -> Change:
+    async def watcher_disconnected(self, watcher_id: str, now: float) -> Change | None:
         def run(con: sqlite3.Connection) -> Change:
             con.execute("UPDATE watchers SET connected = 0, last_seen = ? WHERE watcher_id = ?",
                         (now, watcher_id))

@@ -107,7 +107,8 @@ class Store(abc.ABC):
                                 address: str, backlog: int, now: float) -> Change: ...
 
     @abc.abstractmethod
-    async def watcher_disconnected(self, watcher_id: str, now: float) -> Change: ...
+    async def watcher_disconnected(self, watcher_id: str, now: float) -> Change | None:
+        """None when the watcher has meanwhile connected through another hub."""
 
     @abc.abstractmethod
     async def watcher_backlog(self, watcher_id: str, backlog: int, now: float) -> None: ...

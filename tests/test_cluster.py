@@ -70,6 +70,9 @@ async def test_two_hubs_share_the_log_and_survive_a_kill(
         await wait_for(all_stable, "every instance indexed and every series stable")
         stats = await api_b.get("/api/stats")
         assert (stats["instances"], stats["files"], stats["rejections"]) == (total, total, 0)
+        # Both watchers show connected: A's death, swept by B, is not theirs.
+        watchers = (await api_b.get("/api/watchers"))["items"]
+        assert [w["connected"] for w in watchers] == [True, True]
 
         log = await all_changes(api_b)
         seqs = [c["seq"] for c in log]

@@ -24,7 +24,7 @@ from dicomhub.protocol import Record
 from hub import pg_schema, qido
 from hub.pg_store import CHANGES_LOCK, PGStore
 from hub.store import AuditEntry, ListQuery
-from pgcluster import Cluster
+from dicomhub.bench.pgcluster import Cluster
 from procs import run_cli, write_config
 from test_store import T0, record, rejection
 
@@ -210,6 +210,26 @@ async def test_one_store_at_a_time_holds_the_lease(stores) -> None:
     await a.close()
     assert await wait_for(b.lead, "the lease to pass to the other store")
     assert await b.lead() is True
+
+
+async def test_a_watcher_stays_connected_while_the_hub_it_uses_lives(stores) -> None:
+    a, b = await stores(), await stores()
+
+    async def connected() -> dict[str, bool]:
+        return {w["watcher_id"]: w["connected"] for w in await b.list_watchers()}
+
+    await a.watcher_connected("w1", "k", "test", "10.0.0.1", 0, T0)
+    await b.watcher_connected("w2", "k", "test", "10.0.0.2", 0, T0)
+    await b.reset_watchers()  # b starting again: a's watcher is not b's to reset
+    assert await connected() == {"w1": True, "w2": True}
+    # w2 moves to a; b then hears its old connection end: w2 stays connected.
+    await a.watcher_connected("w2", "k", "test", "10.0.0.2", 0, T0 + 1)
+    assert await b.watcher_disconnected("w2", T0 + 2) is None
+    assert await connected() == {"w1": True, "w2": True}
+    assert "hub" not in (await b.list_watchers())[0]  # internal: not in the API
+    await a.close()  # a dies: its watchers are not connected any more
+    await b.reset_watchers()
+    assert await connected() == {"w1": False, "w2": False}
 
 
 # What PostgreSQL cannot hold, and other guarantees -------------------------------------
