@@ -23,7 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # the test helpers (factory, strategies)
 
-import pgcluster  # noqa: E402
+from dicomhub.bench import pgcluster  # noqa: E402
 from dicomhub import keys  # noqa: E402
 from dicomhub.config import HubConfig, WatcherConfig  # noqa: E402
 from hub.app import start  # noqa: E402
