@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from . import __version__, bench, keys
 from .config import ENV_KEY, Config, WatcherConfig, load
@@ -232,13 +234,29 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_arguments(sub.add_parser(
         "bench", help="measure throughput, latency, fan-out, reads and memory with "
                       "real processes; prints a table and writes JSON"))
+    for name, module in _tools().items():
+        module.add_arguments(sub.add_parser(name, parents=[common], help=module.HELP))
     return parser
+
+
+# Commands that run once and exit (status, doctor, import, ...), each a module with
+# HELP, add_arguments(parser) and main(args) -> exit code. They load the config
+# themselves: doctor, for one, must report a broken config rather than die of it.
+TOOLS: tuple[tuple[str, str], ...] = (
+)
+
+
+def _tools() -> dict[str, Any]:
+    return {name: importlib.import_module(module) for name, module in TOOLS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":  # runs its own hubs and watchers; no config of ours
         return bench.main(args)
+    tools = _tools()
+    if args.command in tools:
+        return int(tools[args.command].main(args))
     try:
         config = load(getattr(args, "config", None))
         level = getattr(args, "log_level", None) or (
