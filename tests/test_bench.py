@@ -13,7 +13,7 @@ import pytest
 from pydicom.uid import UID
 
 from conftest import TIMEOUT
-from dicomhub.bench import corpus
+from dicomhub.bench import corpus, pgcluster
 from dicomhub.bench.figures import (
     Row,
     epoch,
@@ -24,11 +24,15 @@ from dicomhub.bench.figures import (
     summary_ms,
     verdicts,
 )
+from dicomhub.bench.context import Context
 from dicomhub.bench.machine import file_system
-from dicomhub.bench.options import STEPS
+from dicomhub.bench.options import STEPS, Options
+from dicomhub.bench.procs import BenchError, Services
+from dicomhub.bench.scale import scale
 
 TINY = ["--files", "40", "--clients", "3", "--live-files", "10", "--live-rate", "20",
-        "--series-db", "300", "--watcher-files", "300", "--cstore-files", "20"]
+        "--series-db", "300", "--watcher-files", "300", "--cstore-files", "20",
+        "--scale-files", "40", "--scale-live-files", "5"]
 # The figures each step must report as positive numbers.
 POSITIVE = {
     "corpus": ("files", "series", "mean_file_kib", "written_files_per_second"),
@@ -42,6 +46,9 @@ POSITIVE = {
     "watcher": ("files", "files_per_second", "main_peak_rss_mib", "parser_peak_rss_mib",
                 "parsers"),
     "cstore": ("files", "files_per_second"),
+    "scale": ("files", "live_files", "sqlite_files_per_second", "pg1_files_per_second",
+              "pg2_files_per_second", "pg1_ratio_to_sqlite", "pg2_ratio_to_pg1",
+              *(f"{c}_live_{p}_ms" for c in ("sqlite", "pg1", "pg2") for p in ("p50", "p99"))),
 }
 
 
@@ -62,7 +69,12 @@ def test_a_tiny_run_measures_every_step_and_cleans_up(tmp_path: Path) -> None:
     assert report["options"]["files"] == 40 and report["options"]["clients"] == 3
     steps = report["steps"]
     assert list(steps) == list(STEPS)
+    postgres = pgcluster.bin_dir() is not None  # CI installs it
     for name, figures in POSITIVE.items():
+        if name == "scale" and not postgres:
+            assert steps[name]["error"] == "PostgreSQL is not installed (apt-get install " \
+                                           "postgresql)"
+            continue
         assert steps[name]["status"] == "ok", (name, steps[name])
         assert steps[name]["seconds"] >= 0
         for figure in figures:
@@ -79,14 +91,21 @@ def test_a_tiny_run_measures_every_step_and_cleans_up(tmp_path: Path) -> None:
         else:
             assert target["pass"] in (True, False), target
     assert "ratio_to_reference" in result.stdout and "result" in result.stdout
-    assert "7/8 watcher" in result.stderr  # progress goes to stderr
+    assert "7/9 watcher" in result.stderr  # progress goes to stderr
     assert steps["cstore"]["details"]["sender"] in ("storescu", "pynetdicom")
+    if postgres:
+        scale = steps["scale"]
+        assert [scale["figures"][f"{c}_live_lost"] for c in ("sqlite", "pg1", "pg2")] \
+            == [0, 0, 0]
+        assert scale["details"]["fsync"] == "on" and scale["details"]["postgresql"]
+        assert scale["details"]["pg2"]["hubs"] == 2
+        assert "hub B" in scale["details"]["pg2"]["live"]["latency"]
     assert [p.name for p in tmp_path.iterdir()] == ["figures.json"]  # work folder gone
 
 
 def test_a_failing_step_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
     result = bench("--skip", "corpus", "live", "fanout", "reads", "watcher", "cstore",
-                   "--dir", "work", cwd=tmp_path)
+                   "scale", "--dir", "work", cwd=tmp_path)
     assert result.returncode == 1
     steps = json.loads((tmp_path / "bench.json").read_text())["steps"]
     assert steps["reference"] == {"status": "failed", "error": "needs the corpus (step corpus)",
@@ -96,6 +115,16 @@ def test_a_failing_step_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
     assert steps["live"] == {"status": "skipped"}
     assert "reference failed: needs the corpus" in result.stdout
     assert not (tmp_path / "work").exists()
+
+
+async def test_the_scale_step_fails_cleanly_without_postgresql(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pgcluster, "bin_dir", lambda: None)  # no server binaries found
+    ctx = Context(Options(), tmp_path, Services(), lambda message: None)
+    with pytest.raises(BenchError) as raised:
+        await scale(ctx)
+    assert str(raised.value) == "PostgreSQL is not installed (apt-get install postgresql)"
+    assert ctx.services.running == []  # failed before starting anything
 
 
 def test_a_work_folder_that_holds_something_is_refused(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from hub import pg_schema, qido, qido_pg, qido_sqlite, schema
-from pgcluster import Cluster
+from dicomhub.bench.pgcluster import Cluster
 from hub.qido import BadQuery, Match, parse, person_name, to_dicom_json
 
 

@@ -7,6 +7,8 @@
     fanout     many live clients during an ingest          ingest.py
     reads      /api/series on a large database             reads.py
     watcher    watcher memory on many waiting files        memory.py
+    cstore     instances sent over DICOM (C-STORE)         cstore.py
+    scale      SQLite, PostgreSQL, two hubs on PostgreSQL  scale.py
 
 The runner (run.py) isolates the steps; the pure parts (percentiles, the
 table, the UID patching) live in figures.py and corpus.py. This module stays

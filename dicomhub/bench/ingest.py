@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -58,9 +59,13 @@ async def reference(ctx: Context) -> StepOutput:
             {"seconds": round(seconds, 3), "files": len(paths), "processes": 1})
 
 
+# A hub, its watcher and the corpus that watcher is given.
+Site = tuple[Hub, Service, Written]
+
+
 @dataclass
 class Drop:
-    """One timed ingest: a whole folder renamed into the inbox, until all indexed."""
+    """One timed ingest: whole folders renamed into the inboxes, until all indexed."""
 
     files: int
     seq_before: int
@@ -87,21 +92,30 @@ def _cpu(hub: Hub, watcher: Service) -> dict[str, float]:
             "bench": time.process_time()}
 
 
-async def _drop(ctx: Context, api: Api, hub: Hub, watcher: Service, written: Written) -> Drop:
-    inbox = hub.folder / "inbox"
-    spec = written.spec
-    before = await warm_up(api, inbox, hub.folder / "warm-up-staging", spec,
-                           [hub.service, watcher])
-    await older_than(written, WatcherConfig().settle)
-    ctx.say(f"renaming {spec.count:,} files into the watched folder at once")
+async def drop(ctx: Context, api: Api, sites: Sequence[Site],
+               cpu: Callable[[], dict[str, float]]) -> Drop:
+    """Warm every site's watcher up, then rename each site's corpus into its watcher's
+    inbox, back to back, and wait until `api`'s hub counts every instance: the sites
+    must share one database. `cpu` gives the CPU seconds used so far by each party.
+    BenchError as wait_instances."""
+    watched = [service for hub, watcher, _ in sites for service in (hub.service, watcher)]
+    before = 0
+    for hub, _, written in sites:
+        before = await warm_up(api, hub.folder / "inbox", hub.folder / "warm-up-staging",
+                               written.spec, watched)
+    for _, _, written in sites:
+        await older_than(written, WatcherConfig().settle)
+    files = sum(len(written.paths) for _, _, written in sites)
+    where = "the watched folder" if len(sites) == 1 else f"{len(sites)} watched folders"
+    ctx.say(f"renaming {files:,} files into {where} at once")
     seq_before = (await api.get("/api/stats"))["last_seq"]
-    cpu_before = _cpu(hub, watcher)
+    cpu_before = cpu()
     renamed_at = time.time()
-    os.rename(written.folder, inbox / "corpus")  # the whole corpus at once, as a mover does
-    done_at, stats = await wait_instances(api, before + spec.count,
-                                          [hub.service, watcher], STATS_INTERVAL)
-    cpu = {k: v - cpu_before[k] for k, v in _cpu(hub, watcher).items()}
-    return Drop(spec.count, seq_before, renamed_at, done_at, stats["last_seq"], cpu)
+    for hub, _, written in sites:  # each corpus at once, as a mover does
+        os.rename(written.folder, hub.folder / "inbox" / "corpus")
+    done_at, stats = await wait_instances(api, before + files, watched, STATS_INTERVAL)
+    used = {k: v - cpu_before[k] for k, v in cpu().items()}
+    return Drop(files, seq_before, renamed_at, done_at, stats["last_seq"], used)
 
 
 async def e2e(ctx: Context) -> StepOutput:
@@ -116,15 +130,15 @@ async def e2e(ctx: Context) -> StepOutput:
         client = Subscriber(collector)
         try:
             await connect_all(http, hub, [client])
-            drop = await _drop(ctx, api, hub, watcher, written)
+            timed = await drop(ctx, api, [(hub, watcher, written)], lambda: _cpu(hub, watcher))
         finally:
             await close_all([client])
-    ctx.e2e_fps = drop.files_per_second
-    figures: Figures = {"files": drop.files,
-                        "files_per_second": round(drop.files_per_second)}
+    ctx.e2e_fps = timed.files_per_second
+    figures: Figures = {"files": timed.files,
+                        "files_per_second": round(timed.files_per_second)}
     if ctx.reference_fps:
-        figures["ratio_to_reference"] = round(drop.files_per_second / ctx.reference_fps, 2)
-    return figures, {**drop.details(), "live_clients": 1,
+        figures["ratio_to_reference"] = round(timed.files_per_second / ctx.reference_fps, 2)
+    return figures, {**timed.details(), "live_clients": 1,
                      "live_messages": len(collector.seqs),
                      "hub_peak_rss_mib": round(peak_rss_mib(hub.service.pid), 1)}
 
@@ -145,29 +159,30 @@ async def fanout(ctx: Context) -> StepOutput:
         ctx.say(f"connecting {count} live clients")
         try:
             await connect_all(http, hub, clients)
-            drop = await _drop(ctx, api, hub, watcher, written)
-            await _caught_up(clients, collectors, drop.last_seq)
+            timed = await drop(ctx, api, [(hub, watcher, written)],
+                               lambda: _cpu(hub, watcher))
+            await _caught_up(clients, collectors, timed.last_seq)
             hub_peak = peak_rss_mib(hub.service.pid)
             expected = await _change_seqs(api, min(c.start_seq or 0 for c in clients),
-                                          drop.last_seq)
+                                          timed.last_seq)
         finally:
             await close_all(clients)
     lost = sum(_lost(c, s, expected) for c, s in zip(collectors, clients, strict=True))
     delays = [arrived - epoch(text)
               for c in collectors
               for seq, text, arrived in zip(c.seqs, c.times, c.arrivals, strict=True)
-              if drop.seq_before < seq <= drop.last_seq]
+              if timed.seq_before < seq <= timed.last_seq]
     if not delays:
         raise BenchError("no change message reached any live client")
     figures: Figures = {
         "clients": count, "lost_messages": lost,
         "delivery_p50_ms": round(percentile(delays, 50) * 1000, 1),
         "delivery_p99_ms": round(percentile(delays, 99) * 1000, 1),
-        "ingest_files_per_second": round(drop.files_per_second)}
+        "ingest_files_per_second": round(timed.files_per_second)}
     if ctx.e2e_fps:
-        figures["ingest_ratio_to_e2e"] = round(drop.files_per_second / ctx.e2e_fps, 2)
+        figures["ingest_ratio_to_e2e"] = round(timed.files_per_second / ctx.e2e_fps, 2)
     figures["hub_peak_rss_mib"] = round(hub_peak, 1)
-    return figures, {**drop.details(), "delivery": summary_ms(delays),
+    return figures, {**timed.details(), "delivery": summary_ms(delays),
                      "messages_checked_per_client": len(expected),
                      "clients_cut_off": sum(c.close_code not in (None, 1000) for c in clients)}
 

@@ -6,7 +6,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-STEPS = ("corpus", "reference", "e2e", "live", "fanout", "reads", "watcher", "cstore")
+STEPS = ("corpus", "reference", "e2e", "live", "fanout", "reads", "watcher", "cstore",
+         "scale")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class Options:
     series_db: int = 100_000
     watcher_files: int = 100_000
     cstore_files: int = 2000
+    scale_files: int = 5000
+    scale_live_files: int = 100
     json: Path = Path("bench.json")
     dir: Path | None = None
     keep: bool = False
@@ -43,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Measure the pipeline with real hub and watcher processes: ingest throughput "
         "against a plain pydicom loop, live-feed latency and fan-out, REST reads on a "
-        "large database, and watcher memory. Progress on stderr, a table on stdout, "
+        "large database, watcher memory, DICOM C-STORE, and SQLite against one and two "
+        "hubs on PostgreSQL. Progress on stderr, a table on stdout, "
         "every figure in JSON.")
     d = Options()
     parser.add_argument("--files", type=_positive, default=d.files, metavar="N",
@@ -65,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cstore-files", type=_positive, default=d.cstore_files,
                         metavar="N", help=f"files sent over DICOM in the C-STORE step "
                                           f"(default {d.cstore_files})")
+    parser.add_argument("--scale-files", type=_positive, default=d.scale_files,
+                        metavar="N", help=f"files ingested by each configuration of the "
+                                          f"scale step (default {d.scale_files})")
+    parser.add_argument("--scale-live-files", type=_positive, default=d.scale_live_files,
+                        metavar="N", help=f"files then dropped one by one in each "
+                                          f"configuration of the scale step, at --live-rate "
+                                          f"(default {d.scale_live_files})")
     parser.add_argument("--json", type=Path, default=d.json, metavar="PATH",
                         help=f"where to write the figures (default {d.json})")
     parser.add_argument("--dir", type=Path, default=None, metavar="PATH",
@@ -79,5 +90,6 @@ def from_namespace(args: argparse.Namespace) -> Options:
     return Options(files=args.files, image_size=args.image_size, clients=args.clients,
                    live_files=args.live_files, live_rate=args.live_rate,
                    series_db=args.series_db, watcher_files=args.watcher_files,
-                   cstore_files=args.cstore_files, json=args.json, dir=args.dir,
+                   cstore_files=args.cstore_files, scale_files=args.scale_files,
+                   scale_live_files=args.scale_live_files, json=args.json, dir=args.dir,
                    keep=args.keep, skip=tuple(args.skip))

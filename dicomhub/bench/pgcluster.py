@@ -1,8 +1,9 @@
-"""A throwaway PostgreSQL cluster for the tests, made with the installed binaries.
+"""A throwaway PostgreSQL cluster for the tests and the benchmark, made with the
+installed binaries.
 
 initdb into a temporary folder, then one postmaster on 127.0.0.1 (and a unix
 socket in that folder) with fsync on. PostgreSQL refuses to run as root, so when
-the tests do, the server runs as the unprivileged `postgres` user that the
+the caller is root, the server runs as the unprivileged `postgres` user that the
 Debian package creates. Local connections are trusted: no passwords.
 """
 
@@ -56,14 +57,24 @@ class Cluster:
     def data(self) -> Path:
         return self.folder / "data"
 
+    @property
+    def pid(self) -> int:
+        """The postmaster's process id (its backends are its children)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
     def url(self, database: str, password: str | None = None) -> str:
         auth = SUPERUSER if password is None else f"{SUPERUSER}:{password}"
         return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        # As another user, its group too and none of ours: with root's group still on,
+        # a folder's group bits, not its others bits, decide whether the server may
+        # pass through it.
+        user = self.os_user
         return subprocess.run([str(self.bin / args[0]), *args[1:]], cwd=self.folder,
-                              user=self.os_user, capture_output=True, text=True,
-                              timeout=self.timeout, check=check)
+                              user=user, group=user, extra_groups=None if user is None else [],
+                              capture_output=True, text=True, timeout=self.timeout,
+                              check=check)
 
     def sql(self, statements: str, database: str = "postgres") -> str:
         """Run SQL (several statements run as one transaction); return what psql printed."""
@@ -94,13 +105,16 @@ def _unused_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(timeout: float) -> Cluster | None:
-    """initdb and start a cluster; None when PostgreSQL is not installed."""
+def start(timeout: float, parent: Path | None = None) -> Cluster | None:
+    """initdb and start a cluster in a new folder in `parent` (default: the system's
+    temporary folder); None when PostgreSQL is not installed. When run as root, the
+    `postgres` user must be able to pass through `parent`. The caller must stop()
+    the cluster, which also removes its folder."""
     binaries = bin_dir()
     if binaries is None:
         return None
     os_user = SUPERUSER if os.geteuid() == 0 else None
-    folder = Path(tempfile.mkdtemp(prefix="dicomhub-pg-"))
+    folder = Path(tempfile.mkdtemp(prefix="dicomhub-pg-", dir=parent))
     if os_user is not None:
         shutil.chown(folder, os_user, os_user)
     cluster = Cluster(binaries, folder, 0, os_user, timeout)

@@ -27,7 +27,7 @@ from dicomhub.errors import DicomhubError
 CLI = (sys.executable, "-m", "dicomhub")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
-WATCHER_ID = "bench"
+SQLITE_FILE = "hub.sqlite3"  # a hub's database unless told otherwise, in its folder
 PARSER_MARKER = b"spawn_main"  # in the command line of a watcher's parser process
 
 
@@ -137,20 +137,22 @@ async def run_cli(*args: str, cwd: Path) -> str:
     return out.decode()
 
 
-def write_hub_config(folder: Path) -> Path:
+def write_hub_config(folder: Path, database: str = SQLITE_FILE) -> Path:
+    """A hub on an ephemeral port; `database` a SQLite file in `folder` or a
+    postgresql:// URL."""
     path = folder / "hub.toml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(textwrap.dedent(f"""\
         [hub]
         host = "127.0.0.1"
         port = 0
-        database = "hub.sqlite3"
+        database = "{database}"
         log_level = "warning"
         """))
     return path
 
 
 def write_watcher_config(folder: Path, hub_url: str, settle: float | None,
-                         extra: str = "") -> Path:
+                         extra: str = "", watcher_id: str = "watcher") -> Path:
     """A watcher on `folder/inbox`; `settle` None keeps the default."""
     path = folder / "watcher.toml"
     ws_url = hub_url.replace("http", "ws", 1) + "/ws/ingest"
@@ -160,7 +162,7 @@ def write_watcher_config(folder: Path, hub_url: str, settle: float | None,
         watch = ["inbox"]
         state_dir = "watcher-state"
         key_file = ""
-        id = "{WATCHER_ID}"
+        id = "{watcher_id}"
         log_level = "warning"
         """)
     if settle is not None:
@@ -195,12 +197,15 @@ async def _first_line_matching(service: Service, pattern: str) -> re.Match[str]:
             return match
 
 
-async def start_hub(services: Services, folder: Path, name: str = "hub") -> Hub:
-    """A hub on the database in `folder` (both made if missing), with a new read and
-    ingest key, listening on an ephemeral port."""
+async def start_hub(services: Services, folder: Path, name: str = "hub",
+                    database: str = SQLITE_FILE) -> Hub:
+    """A hub in `folder` (made if missing) on `database` (as write_hub_config), with a
+    new read and ingest key, listening on an ephemeral port. Hubs sharing a PostgreSQL
+    database share their keys too, so each needs its own `name`."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = write_hub_config(folder)
-    keys = [(await run_cli("keys", "create", "--role", role, "--name", f"bench-{role}",
+    config = write_hub_config(folder, database)
+    keys = [(await run_cli("keys", "create", "--role", role, "--name",
+                           f"bench-{name}-{role}",
                            "--config", str(config), cwd=folder)).strip()
             for role in ("read", "ingest")]
     service = await services.start(name, ["hub", "--config", str(config)], folder)
@@ -210,9 +215,10 @@ async def start_hub(services: Services, folder: Path, name: str = "hub") -> Hub:
 
 async def start_watcher(services: Services, hub: Hub, settle: float | None = None,
                         name: str = "watcher", extra: str = "") -> Service:
-    """A watcher process on `hub.folder/inbox`; returns once the hub sees it connected
-    (its folders are then watched: it starts watching before it connects)."""
-    config = write_watcher_config(hub.folder, hub.url, settle, extra)
+    """A watcher process on `hub.folder/inbox`, its id its `name`; returns once the
+    hub sees it connected (its folders are then watched: it starts watching before it
+    connects)."""
+    config = write_watcher_config(hub.folder, hub.url, settle, extra, name)
     service = await services.start(name, ["watch", "--config", str(config)], hub.folder,
                                    env={"DICOMHUB_KEY": hub.ingest_key})
     async with aiohttp.ClientSession() as session:
@@ -221,7 +227,7 @@ async def start_watcher(services: Services, hub: Hub, settle: float | None = Non
         async def connected() -> bool:
             service.check_alive()
             watchers = (await api.get("/api/watchers"))["items"]
-            return any(w["watcher_id"] == WATCHER_ID and w["connected"] for w in watchers)
+            return any(w["watcher_id"] == name and w["connected"] for w in watchers)
 
         await poll(connected, START_TIMEOUT, "the watcher to connect")
     return service

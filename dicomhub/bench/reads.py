@@ -14,7 +14,7 @@ from dicomhub.protocol import InstanceRecord
 from . import corpus
 from .context import Context, StepOutput
 from .figures import percentile
-from .procs import BenchError, Hub, start_hub
+from .procs import SQLITE_FILE, BenchError, Hub, start_hub
 
 REQUESTS = 300
 WARMUP_REQUESTS = 10
@@ -84,7 +84,7 @@ async def reads(ctx: Context) -> StepOutput:
     folder.mkdir(parents=True)
     ctx.say(f"building a database of {count:,} series for {patients:,} patients")
     started = time.perf_counter()
-    await build_database(folder / "hub.sqlite3", count, patients)
+    await build_database(folder / SQLITE_FILE, count, patients)
     built = time.perf_counter() - started
     hub = await start_hub(ctx.services, folder)
     rng = random.Random(0)

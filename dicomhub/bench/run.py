@@ -28,6 +28,7 @@ from .memory import watcher_memory
 from .options import STEPS, Options
 from .procs import STOP_TIMEOUT, BenchError, Services
 from .reads import reads
+from .scale import scale
 
 Step = Callable[[Context], Awaitable[StepOutput]]
 
@@ -40,6 +41,8 @@ PLAN: dict[str, tuple[str, Step]] = {
     "reads": ("/api/series against a large database", reads),
     "watcher": ("watcher memory on a folder of many waiting files", watcher_memory),
     "cstore": ("instances sent over DICOM to the watcher's listener", cstore),
+    "scale": ("ingest and live latency on SQLite, PostgreSQL, and two hubs on one "
+              "PostgreSQL", scale),
 }
 assert tuple(PLAN) == STEPS
 
