@@ -18,7 +18,7 @@ from typing import Any
 from . import __version__, bench, keys
 from .config import ENV_KEY, Config, WatcherConfig, load
 from .errors import DicomhubError
-from .logs import keep_phi_out
+from .logs import FORMATS, LEVELS, LogSettings, describe, fatal, setup
 
 log = logging.getLogger("dicomhub")
 
@@ -26,27 +26,36 @@ LOCAL_INGEST_KEY = "watcher-local"
 LOCAL_READ_KEY = "read-local"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stderr,
-    )
-    logging.Formatter.converter = time.gmtime
-    keep_phi_out()
-    # websockets logs every failed handshake with its traceback; our link says it better.
-    logging.getLogger("websockets").setLevel(logging.CRITICAL)
+def _setup_logging(level: str, log_format: str = "text", debug: bool = False) -> None:
+    setup(LogSettings(level, log_format, debug))
 
 
 async def _until_signalled(main: Awaitable[None]) -> None:
-    """Run `main` until it ends or SIGINT/SIGTERM arrives, then let it clean up."""
+    """Run `main` until it ends or SIGINT/SIGTERM arrives, then let it clean up.
+
+    `main` is cancelled once: a second signal during its clean-up (flushing the
+    outbox, closing sockets) is noted, not obeyed, so that the clean-up finishes."""
     task = asyncio.ensure_future(main)
     loop = asyncio.get_running_loop()
+    stopping = False
+
+    def stop(sig: signal.Signals) -> None:
+        nonlocal stopping
+        if stopping:
+            log.warning("%s again: still stopping (SIGKILL stops at once)", sig.name)
+            return
+        stopping = True
+        log.info("%s received: stopping", sig.name)
+        task.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 # keys ---------------------------------------------------------------------------------
@@ -210,8 +219,13 @@ def _parser() -> argparse.ArgumentParser:
     # SUPPRESS: an option given before the command must survive the subparser's defaults.
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help="config file (default: $DICOMHUB_CONFIG or ./config.toml)")
-    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                        default=argparse.SUPPRESS)
+    common.add_argument("--log-level", choices=LEVELS, default=argparse.SUPPRESS,
+                        help="default: [hub] or [watcher] log_level, else info")
+    common.add_argument("--log-format", choices=FORMATS, default=argparse.SUPPRESS,
+                        help="log events as text (the default) or one JSON object a line")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks (in the log and on errors) and log at debug "
+                             "level unless --log-level says otherwise")
     parser = argparse.ArgumentParser(prog="dicomhub", parents=[common],
                                      description="A watched folder of DICOM files as a "
                                                  "live, queryable index.")
@@ -250,18 +264,38 @@ def _tools() -> dict[str, Any]:
     return {name: importlib.import_module(module) for name, module in TOOLS}
 
 
+def _log_settings(args: argparse.Namespace, config: Config | None) -> LogSettings:
+    """The command line wins, then --debug (debug level), then the config."""
+    debug = bool(getattr(args, "debug", False))
+    level = getattr(args, "log_level", None) or ("debug" if debug else None)
+    if level is None and config is not None:
+        level = config.watcher.log_level if args.command == "watch" else config.hub.log_level
+    return LogSettings(level or "info", getattr(args, "log_format", "text"), debug)
+
+
+def _os_error(exc: OSError) -> str:
+    """What the system refused, and on which file, on one line."""
+    if exc.filename is None or exc.strerror is None:
+        return describe(exc)
+    return f"{exc.strerror}: {str(exc.filename)!r} (check the folders and files the " \
+           "config names, and their permissions)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; every failure a user can cause ends in one line on stderr and
+    exit code 2 (with --debug, its traceback as well)."""
     args = _parser().parse_args(argv)
     if args.command == "bench":  # runs its own hubs and watchers; no config of ours
         return bench.main(args)
-    tools = _tools()
-    if args.command in tools:
-        return int(tools[args.command].main(args))
+    settings = _log_settings(args, None)
+    setup(settings)
     try:
+        tools = _tools()
+        if args.command in tools:
+            return int(tools[args.command].main(args))
         config = load(getattr(args, "config", None))
-        level = getattr(args, "log_level", None) or (
-            config.watcher.log_level if args.command == "watch" else config.hub.log_level)
-        _setup_logging(level)
+        settings = _log_settings(args, config)
+        setup(settings)
         runner: Callable[[], Awaitable[None]]
         if args.command == "keys":
             return asyncio.run(_keys(args, config))
@@ -275,10 +309,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_until_signalled(runner()))
         return 0
     except (DicomhubError, keys.KeyFormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        fatal(settings, str(exc), exc)
+        return 2
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`dicomhub status | head`): nothing to report,
+        # and nothing more to flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except OSError as exc:
+        fatal(settings, _os_error(exc), exc)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A bug, not a user's error: say so in one line, and all of it with --debug.
+        fatal(settings, f"internal error: {describe(exc)}"
+              + ("" if settings.debug else " (run with --debug for details)"), exc)
+        return 2
 
 
 if __name__ == "__main__":
