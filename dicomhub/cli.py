@@ -257,6 +257,8 @@ def _parser() -> argparse.ArgumentParser:
 # HELP, add_arguments(parser) and main(args) -> exit code. They load the config
 # themselves: doctor, for one, must report a broken config rather than die of it.
 TOOLS: tuple[tuple[str, str], ...] = (
+    ("doctor", "dicomhub.doctor"),
+    ("status", "dicomhub.status"),
 )
 
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from dicomhub import __version__
 
 from . import query
-from .auth import KEY_INFO, STORE_KEY, Handler, json_error, public, requires
+from .auth import KEY_INFO, STORE_KEY, Handler, authenticate, json_error, public, requires
 from .live import FEED_KEY
 from .mask import mask_text
 from .store import ListQuery, Page
@@ -68,6 +68,18 @@ def _not_found(what: str) -> web.HTTPException:
 @public
 async def health(request: web.Request) -> web.Response:
     return _json({"status": "ok", "version": __version__})
+
+
+# Any valid key may ask, whatever its role (`requires` names one role, admin aside):
+# public to the middleware, the handler authenticates the caller itself.
+@routes.get("/api/key")
+@public
+async def key_info(request: web.Request) -> web.Response:
+    """The calling key's name and role: `dicomhub doctor` checks a watcher's key
+    with it before the watcher uses it. 401 for a missing, unknown or revoked key."""
+    info = await authenticate(request)
+    _no_params(request)
+    return _json({"name": info.name, "role": info.role})
 
 
 @routes.get("/api/series")

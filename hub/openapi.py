@@ -135,6 +135,10 @@ SPEC: dict[str, Any] = {
     "paths": {
         "/api/health": _get("Liveness; no key needed", _json({"type": "object"}),
                             secured=False),
+        "/api/key": _get("The calling key's name and role (any role may ask)", _json({
+            "type": "object", "required": ["name", "role"], "properties": {
+                "name": _STR, "role": {"type": "string", "enum": ["ingest", "read",
+                                                                  "admin"]}}})),
         "/api/series": _list("Series, with filters", "Series", [
             _query("patient_id"), _query("study_instance_uid"), _query("modality"), _STATUS]),
         "/api/series/{uid}": _get("One series with its instances", _json({
