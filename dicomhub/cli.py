@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from . import __version__, bench, keys
+from . import __version__, bench, keys, progress
 from .config import ENV_KEY, Config, WatcherConfig, load
 from .errors import DicomhubError
 from .logs import FORMATS, LEVELS, LogSettings, describe, fatal, setup
@@ -178,7 +178,8 @@ async def _hub(config: Config) -> None:
 async def _watch(config: Config, key: str) -> None:
     from watcher.service import Watcher
 
-    await Watcher(config.watcher, key).run()
+    watcher = Watcher(config.watcher, key)
+    await progress.while_running(watcher.run(), watcher.progress)
 
 
 async def _up(config: Config) -> None:
@@ -206,7 +207,7 @@ async def _up(config: Config) -> None:
         else:
             lines += ["  (make a read key with: dicomhub keys create --role read --name NAME)"]
         print("\n".join(lines), flush=True)
-        await watcher.run()
+        await progress.while_running(watcher.run(), watcher.progress)
     finally:
         await runner.cleanup()
 
@@ -259,6 +260,7 @@ def _parser() -> argparse.ArgumentParser:
 TOOLS: tuple[tuple[str, str], ...] = (
     ("doctor", "dicomhub.doctor"),
     ("status", "dicomhub.status"),
+    ("import", "dicomhub.importer"),
 )
 
 

@@ -121,6 +121,8 @@ class Link:
         self._wake = asyncio.Event()
         self.connected = asyncio.Event()
         self.delivered = 0  # records acknowledged since start
+        # What the hub said of them, summed: new instances, duplicates, rejections.
+        self.stored = self.duplicates = self.rejected = 0
         # Acknowledged outbox ranges the state folder refused to delete (a full disk):
         # retried until they go, so the outbox and the backlog shrink again.
         self._unremoved: list[tuple[int, int]] = []
@@ -234,6 +236,9 @@ class Link:
             raise LinkError(f"acknowledgement for unknown batch {ack.batch_id}")
         first, last, count = in_flight.popleft()
         self._acknowledged_any = True
+        self.stored += ack.stored
+        self.duplicates += ack.duplicates
+        self.rejected += ack.rejected
         try:
             self.delivered += await self.state.acknowledge(first, last)
         except StateError as exc:

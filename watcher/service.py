@@ -8,13 +8,18 @@ The start-up scan finds what arrived while the watcher was away; watchdog
 events find what arrives after. Both feed the settler, which releases a file
 once it is complete. Files already delivered in the same version (path, size,
 mtime) are skipped, so a restart sends nothing twice.
+
+With `once` (``dicomhub import``) there are no events: the watcher walks its
+folders, and returns when every file the walk found has an outcome the hub
+acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import functools
+import json
 import logging
 import multiprocessing
 import os
@@ -30,7 +35,9 @@ from pathlib import Path
 from watchdog.observers.api import BaseObserver
 
 from dicomhub.config import WatcherConfig, encryption_key
+from dicomhub.errors import DicomhubError
 from dicomhub.logs import keep_phi_out
+from dicomhub.progress import Counts
 
 from . import reader
 from .backoff import backoff
@@ -50,7 +57,13 @@ PARSE_CHUNK = 128
 PENDING_LIMIT = 5000
 RESULTS_LIMIT = 2000
 STATE_RETRY_MAX = 5.0  # seconds between attempts to write to a full or read-only state
+DONE_POLL = 0.05  # seconds between checks, with `once`, that everything is acknowledged
 _TEMP_SUFFIXES = (".tmp", ".part", "~")
+_REJECTION = '{"kind":"rejection",'  # an outbox record of a rejection (record_text)
+
+
+class HubUnreachable(DicomhubError):
+    """With `attempts`: that many attempts in a row to reach a hub failed."""
 
 
 def ignored(name: str) -> bool:
@@ -60,9 +73,14 @@ def ignored(name: str) -> bool:
 
 
 class Watcher:
-    def __init__(self, config: WatcherConfig, key: str) -> None:
+    def __init__(self, config: WatcherConfig, key: str, *, once: bool = False,
+                 attempts: int = 0) -> None:
+        """`once`: walk the folders, no events, no listener, and return from `run`
+        when all is acknowledged. `attempts`: give up (HubUnreachable) after that
+        many failed attempts in a row to reach a hub; 0 = never."""
         keep_phi_out()
         self.config, self.key = config, key
+        self.once, self.attempts = once, attempts
         self.roots = [Path(r).resolve() for r in config.watch]
         self._prefixes = sorted(((str(r).rstrip(os.sep) + os.sep, r) for r in self.roots),
                                 key=lambda item: -len(item[0]))
@@ -85,13 +103,21 @@ class Watcher:
         self.observer: BaseObserver | None = None
         self.rescans = 0  # reconciliation walks completed
         self.listener: Listener | None = None
+        # Counters for progress and summaries: plain integers, read a few times a second.
+        self.found = 0  # files found by walks and events
+        self.unchanged = 0  # of those, delivered before in the same version: not read
         self.parsed = 0
+        self.rejections: collections.Counter[str] = collections.Counter()  # by reason
 
     # entry point ----------------------------------------------------------------
 
     async def run(self) -> None:
-        for root in self.roots:
-            root.mkdir(parents=True, exist_ok=True)
+        """Watch until cancelled; with `once`, until all the walk found is acknowledged.
+        Raises StateError (state folder or TLS files unusable) and, with `attempts`,
+        HubUnreachable."""
+        if not self.once:
+            for root in self.roots:
+                root.mkdir(parents=True, exist_ok=True)
         await self.state.open()
         # spawn, not fork: this process already runs threads (watchdog, SQLite). Not
         # forkserver either: its server outlives a watcher killed with SIGKILL, while
@@ -102,20 +128,21 @@ class Watcher:
         tasks: list[asyncio.Task[None]] = []
         try:
             self.watcher_id = self.watcher_id or await self._default_id()
-            self.link = Link(self.config.hub_urls, self.key, self.watcher_id, self.state,
-                             batch_size=self.config.batch_size, tls=self._tls(),
-                             delays=functools.partial(backoff, cap=self.config.reconnect_max))
+            self.link = Link(self.config.hub_urls, self.key, self.watcher_id,
+                                     self.state, batch_size=self.config.batch_size,
+                                     tls=self._tls(), delays=self._delays)
             # Start the parsers now, not on the first file: spawning one and importing
             # pydicom takes a few hundred milliseconds the first files should not wait.
             loop = asyncio.get_running_loop()
             await asyncio.gather(*(loop.run_in_executor(pool, reader.warm_up)
                                    for _ in range(self.workers)))
-            if self.config.dicom.enabled:
+            if self.config.dicom.enabled and not self.once:
                 self.listener = self._listener(loop)
                 await asyncio.to_thread(self.listener.start)
-            observer = self.observer = start_observer(
-                self.roots, self._on_change, polling=self.config.polling,
-                poll_interval=self.config.poll_interval)
+            if not self.once:
+                observer = self.observer = start_observer(
+                    self.roots, self._on_change, polling=self.config.polling,
+                    poll_interval=self.config.poll_interval)
             tasks = [asyncio.create_task(c, name=n) for n, c in (
                 ("link", self.link.run()),
                 ("settle", self._settle_loop()),
@@ -127,9 +154,12 @@ class Watcher:
             for root in self.roots:
                 await self._scan(root)
             self.scanned.set()
-            if self.config.rescan_interval > 0:
+            if self.once:
+                tasks.append(asyncio.create_task(self._until_done(), name="done"))
+            elif self.config.rescan_interval > 0:
                 tasks.append(asyncio.create_task(self._rescan_loop(), name="rescan"))
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            # Only `done` ends without an exception; the others run until cancelled.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
         finally:
@@ -151,6 +181,38 @@ class Watcher:
             log.info("stopping: parsed %d files this run; %d records wait for the hub",
                      self.parsed, self.state.backlog)
             await self.state.close()
+
+    # progress -------------------------------------------------------------------
+
+    def pending(self) -> int:
+        """Files and records not acknowledged yet: settling, queued or being read,
+        read but not stored, and in the outbox. Outside a walk, a file found counts
+        here until the hub acknowledges its record (twice for a moment, while its
+        record is being stored): 0 means everything found has its outcome."""
+        return (len(self.settler) + len(self._queued) + len(self._results)
+                + self.state.backlog)
+
+    def progress(self) -> Counts:
+        """The counters as they are now (no I/O: cheap enough to call often)."""
+        return Counts(scanned=self.found, unchanged=self.unchanged, parsed=self.parsed,
+                      delivered=self.link.delivered if self.link else 0,
+                      rejected=sum(self.rejections.values()), pending=self.pending())
+
+    async def _until_done(self) -> None:
+        """Return once the hub has welcomed us (with nothing to send, that still proves
+        the hub and the key) and, the walk done, nothing is pending. Polled: the backlog
+        shrinks inside the link, which announces nothing, and a check is cheap."""
+        assert self.link is not None
+        await self.link.connected.wait()
+        await self.scanned.wait()
+        while self.pending():
+            await asyncio.sleep(DONE_POLL)
+
+    def _delays(self) -> Iterator[float]:
+        """Waits between rounds of attempts to reach the hubs; with `attempts`, the
+        round after the last raises HubUnreachable."""
+        delays = backoff(cap=self.config.reconnect_max)
+        return _limited(delays, self.attempts) if self.attempts else delays
 
     def _listener(self, loop: asyncio.AbstractEventLoop) -> Listener:
         folder = Path(self.config.dicom_folder).resolve()
@@ -229,6 +291,8 @@ class Watcher:
         if st is None:
             self.settler.forget(path)
             return
+        if path not in self.settler and path not in self._queued:
+            self.found += 1
         if closed:
             self.settler.closed(path, st.st_size, st.st_mtime, time.time())
         else:
@@ -252,6 +316,8 @@ class Watcher:
                     entries.append((path, size, mtime_ns, mtime))
             known = await self.state.unchanged(
                 [(os.fsencode(p), size, mtime_ns) for p, size, mtime_ns, _ in entries])
+            self.found += len(entries)
+            self.unchanged += len(known)
             now = time.time()
             for path, size, _, mtime in entries:
                 if os.fsencode(path) not in known:
@@ -317,8 +383,14 @@ class Watcher:
                 continue  # changed while we read it: wait until it settles again
             self.parsed += 1
             text, retry = result
+            rejected = text.startswith(_REJECTION)
+            if rejected:  # rare: decoding it costs nothing overall
+                self.rejections[json.loads(text)["reason"]] += 1
+            # With `once`, rejected files are read again by the next import (they are
+            # few): its summary and exit status must still say they are there.
+            remember = not retry and not (rejected and self.once)
             self._results.append(Outcome(os.fsencode(path), before.st_size,
-                                         before.st_mtime_ns, text, remember=not retry))
+                                         before.st_mtime_ns, text, remember=remember))
         self._results_ready.set()
 
     async def _commit_loop(self) -> None:
@@ -356,6 +428,14 @@ class Watcher:
             del self._results[:len(batch)]
             self._stored.set()
             self.link.wake()
+
+
+def _limited(delays: Iterator[float], attempts: int) -> Iterator[float]:
+    """`delays`, asked for after each failed round of attempts, until `attempts`
+    rounds have failed: then HubUnreachable."""
+    for _ in range(attempts - 1):
+        yield next(delays)
+    raise HubUnreachable(f"{attempts} attempts in a row to connect to the hub failed")
 
 
 def _stat(path: str) -> os.stat_result | None:
