@@ -178,6 +178,12 @@ class LiveClient:
         self.task = asyncio.create_task(self._read(f"{url}/ws/live?since={since}"))
 
     async def _read(self, url: str) -> None:
+        try:
+            await self._receive(url)
+        except (aiohttp.ClientError, ConnectionError):
+            pass  # its hub died mid-frame (a reset): the connection has ended all the same
+
+    async def _receive(self, url: str) -> None:
         async with self.http.ws_connect(url, headers={"Authorization": f"Bearer {self.key}"},
                                         heartbeat=None) as ws:
             async for msg in ws:
