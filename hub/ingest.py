@@ -182,11 +182,14 @@ async def _serve(ws: web.WebSocketResponse, app: web.Application, watcher_id: st
             await _fatal(ws, "the hub could not store this batch; retry later",
                          CLOSE_INTERNAL)
             return
+        # Committed: the series timers and live clients hear of it now, before the ack,
+        # which a watcher gone meanwhile (killed, cut off) can no longer receive; the
+        # commit stands all the same, and so must its announcements.
+        app[TOUCH](result.touched)
+        app[PUBLISH](result.changes)
         await _send(ws, Ack(batch_id=message.batch_id, stored=result.stored,
                             duplicates=result.duplicates, rejected=result.rejected))
         metrics.batch_acknowledged(result, time.monotonic() - arrived)
-        app[TOUCH](result.touched)
-        app[PUBLISH](result.changes)
 
 
 def _batch_id(data: str) -> int | None:

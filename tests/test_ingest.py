@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import Api, RunningHub
+from conftest import TIMEOUT, Api, RunningHub, start_hub
 from dicomhub.protocol import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.asyncio
@@ -208,3 +211,32 @@ async def test_revoking_an_ingest_key_closes_its_connection(hub: RunningHub) -> 
             while True:
                 await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+
+
+async def test_a_batch_stored_for_a_watcher_that_vanished_still_counts(
+        tmp_path: Path, api: Api) -> None:
+    """The watcher dies between its batch and the ack (a kill, a network cut): the
+    batch is committed all the same, so its series must still be announced live
+    and become stable, even though the ack can no longer be sent."""
+    hub = await start_hub(tmp_path / "quick", stable_after=0.2)
+    try:
+        async with aiohttp.ClientSession() as http:
+            live = await http.ws_connect(f"{hub.url}/ws/live",
+                                         headers={"Authorization":
+                                                  f"Bearer {await hub.key('read')}"})
+            assert json.loads((await live.receive()).data)["kind"] == "live"
+            async with session(hub, await hub.key("ingest")) as ws:
+                assert (await reply(ws))["type"] == "welcome"
+                await ws.send(json.dumps({"type": "batch", "batch_id": 1,
+                                          "records": [instance(1, series="7.9")]}))
+                ws.transport.abort()  # gone before the hub can answer
+            kinds: list[str] = []
+            async with asyncio.timeout(TIMEOUT):
+                while "series.stable" not in kinds:
+                    data = json.loads((await live.receive()).data)
+                    if data.get("series_instance_uid") == "7.9":
+                        kinds.append(data["kind"])
+            assert kinds == ["series.created", "series.stable"]
+            await live.close()
+    finally:
+        await hub.stop()
