@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -134,6 +136,17 @@ async def _close_sockets(app: web.Application) -> None:
                            for ws in sockets), return_exceptions=True)
 
 
+def _listen_hint(exc: OSError) -> str:
+    """How to fix what kept the hub from listening, by what the system said."""
+    if isinstance(exc, socket.gaierror):
+        return "no such host name here: check [hub] host"
+    return {
+        errno.EADDRINUSE: "is another hub running? change [hub] port",
+        errno.EADDRNOTAVAIL: "this machine has no such address: check [hub] host",
+        errno.EACCES: "ports below 1024 need privileges: choose [hub] port 1024 or above",
+    }.get(exc.errno or 0, "check [hub] host and port")
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -183,8 +196,7 @@ async def start(config: HubConfig, store: Store | None = None) -> tuple[web.AppR
     except OSError as exc:
         await runner.cleanup()
         raise DicomhubError(f"cannot listen on {config.host}:{config.port}: "
-                            f"{exc.strerror or exc} (is another hub running? "
-                            "change [hub] port)") from None
+                            f"{exc.strerror or exc} ({_listen_hint(exc)})") from None
     port = runner.addresses[0][1]  # the port actually bound (config may say 0)
     host = config.host if ":" not in config.host else f"[{config.host}]"
     return runner, f"{'https' if context else 'http'}://{host}:{port}"

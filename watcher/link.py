@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
 import ssl
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from dicomhub import __version__
 from dicomhub.aio import cancelled_quietly
+from dicomhub.errors import DicomhubError
 from dicomhub.protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -65,6 +67,11 @@ def client_ssl(urls: Sequence[str], ca_file: Path | None, client_cert: Path | No
 
 class LinkError(Exception):
     """The hub answered in a way that ends this connection."""
+
+
+class KeyRefused(DicomhubError):
+    """A hub refused the key, and the link was told not to retry (a one-shot import:
+    nobody is there to fix the key while it waits)."""
 
 
 class Rotation:
@@ -110,10 +117,11 @@ class Link:
     def __init__(self, urls: Sequence[str], key: str, watcher_id: str, state: State, *,
                  batch_size: int = 200, window: int = 4,
                  delays: Callable[[], Iterator[float]] = backoff,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, refusal_is_final: bool = False) -> None:
         """`urls`: the hubs, tried in this order; `tls` is used for the wss:// ones."""
         self.key, self.watcher_id, self.state = key, watcher_id, state
         self.tls = tls
+        self.refusal_is_final = refusal_is_final  # a refused key ends run() (KeyRefused)
         self.batch_size, self.window = batch_size, window
         self._rotation = Rotation(urls, delays)
         self._last_hub: str | None = None  # the hub of the last session welcomed
@@ -163,9 +171,12 @@ class Link:
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in (401, 403):
-                    log.error("the hub at %s refused the ingest key (HTTP %d): check "
-                              "$DICOMHUB_KEY or [watcher] key_file, and the key's role",
-                              _shown(url), status)
+                    message = (f"the hub at {_shown(url)} refused the ingest key (HTTP "
+                               f"{status}): check $DICOMHUB_KEY or [watcher] key_file, and "
+                               "the key's role")
+                    if self.refusal_is_final:
+                        raise KeyRefused(message) from None
+                    log.error("%s", message)
                 else:
                     log.warning("the hub at %s refused the connection: HTTP %d",
                                 _shown(url), status)
@@ -176,8 +187,8 @@ class Link:
             except StateError as exc:
                 log.error("%s; retrying", exc)
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError, LinkError) as exc:
-                log.warning("connection to the hub at %s lost or refused: %s", _shown(url),
-                            _describe(exc))
+                log.warning("connection to the hub at %s lost or refused: %s%s", _shown(url),
+                            _describe(exc), _hint(exc))
             finally:
                 self.connected.clear()
             cancelled_quietly()
@@ -311,6 +322,15 @@ def _shown(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="",
                           fragment="").geturl()
+
+
+def _hint(exc: BaseException) -> str:
+    """How to fix a hub that cannot be reached at all (nothing for a dropped session)."""
+    if isinstance(exc, socket.gaierror):
+        return " (no such host name: check [watcher] hub_url)"
+    if isinstance(exc, ConnectionRefusedError):
+        return " (nothing listens there: is the hub running? check [watcher] hub_url)"
+    return ""
 
 
 def _describe(exc: BaseException) -> str:

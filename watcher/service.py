@@ -130,7 +130,8 @@ class Watcher:
             self.watcher_id = self.watcher_id or await self._default_id()
             self.link = Link(self.config.hub_urls, self.key, self.watcher_id,
                                      self.state, batch_size=self.config.batch_size,
-                                     tls=self._tls(), delays=self._delays)
+                                     tls=self._tls(), delays=self._delays,
+                                     refusal_is_final=self.once)
             # Start the parsers now, not on the first file: spawning one and importing
             # pydicom takes a few hundred milliseconds the first files should not wait.
             loop = asyncio.get_running_loop()
