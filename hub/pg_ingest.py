@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dicomhub.protocol import InstanceRecord, Record, Rejection
 
+from .items import series_item, watcher_item
 from .store import Change, IngestResult, iso
 
 SERIES_SELECT = """
@@ -49,20 +50,6 @@ def without_nul(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
-def series_item(row: Mapping[str, Any]) -> dict[str, Any]:
-    item = dict(row)
-    del item["id"]
-    for key in ("first_seen", "last_seen", "stable_since"):
-        item[key] = iso(item[key])
-    return item
-
-
-def watcher_item(row: Mapping[str, Any]) -> dict[str, Any]:
-    item = dict(row)
-    item.pop("hub", None)  # the hub's session name: internal, and SQLite has none
-    item["connected"] = bool(item["connected"])
-    item["first_seen"], item["last_seen"] = iso(item["first_seen"]), iso(item["last_seen"])
-    return item
 
 
 class ChangeLog:

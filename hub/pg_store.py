@@ -47,7 +47,16 @@ from dicomhub.errors import StoreError
 from dicomhub.protocol import Record
 
 from . import pg_schema, qido_pg
-from .pg_ingest import SERIES_SELECT, ChangeLog, Ingest, series_item, watcher_item, without_nul
+from .items import (
+    audit_item,
+    instance_items,
+    patient_item,
+    rejection_item,
+    series_item,
+    study_item,
+    watcher_item,
+)
+from .pg_ingest import SERIES_SELECT, ChangeLog, Ingest, without_nul
 from .pg_shared import CHANNEL, CONNECTION_ERRORS, ChangeListener, Lease, close_quietly
 from .qido import Query as QidoQuery
 from .store import AuditEntry, Change, IngestResult, KeyInfo, ListQuery, Page, Store, iso
@@ -102,32 +111,8 @@ def _storable(*texts: str) -> bool:
     return not any("\x00" in text for text in texts)
 
 
-def _study_item(row: Mapping[str, Any]) -> dict[str, Any]:
-    item = dict(row)
-    del item["id"]
-    item["modalities"] = sorted(filter(None, (item["modalities"] or "").split(",")))
-    item["first_seen"], item["last_seen"] = iso(item["first_seen"]), iso(item["last_seen"])
-    return item
 
 
-def _patient_item(row: Mapping[str, Any]) -> dict[str, Any]:
-    item = dict(row)
-    del item["id"]
-    item["first_seen"], item["last_seen"] = iso(item["first_seen"]), iso(item["last_seen"])
-    return item
-
-
-def _audit_item(row: Mapping[str, Any]) -> dict[str, Any]:
-    item = dict(row)
-    item["time"] = iso(item["time"])
-    return item
-
-
-def _rejection_item(row: Mapping[str, Any]) -> dict[str, Any]:
-    item = dict(row)
-    del item["id"]
-    item["time"] = iso(item["time"])
-    return item
 
 
 class PGStore(Store):
@@ -353,16 +338,11 @@ class PGStore(Store):
             " FROM instances WHERE series_pk = $1"
             " ORDER BY instance_number NULLS FIRST, id",  # NULLS FIRST: as SQLite sorts
             row["id"])
-        instances = []
-        for r in rows:
-            instance = dict(r)
-            instance["received"] = iso(instance["received"])
-            instances.append(instance)
-        item["instances"] = instances
+        item["instances"] = instance_items(rows)
         return item
 
     async def list_studies(self, query: ListQuery) -> Page:
-        return await self._page(_STUDY_SELECT, "st", _STUDY_FILTERS, query, _study_item)
+        return await self._page(_STUDY_SELECT, "st", _STUDY_FILTERS, query, study_item)
 
     async def get_study(self, study_uid: str) -> dict[str, Any] | None:
         if not _storable(study_uid):
@@ -371,14 +351,14 @@ class PGStore(Store):
                                    study_uid)
         if row is None:
             return None
-        item = _study_item(row)
+        item = study_item(row)
         series = await self._fetch(SERIES_SELECT + " WHERE s.study_pk = $1 ORDER BY s.id",
                                    row["id"])
         item["series"] = [series_item(s) for s in series]
         return item
 
     async def list_patients(self, query: ListQuery) -> Page:
-        return await self._page(_PATIENT_SELECT, "p", _PATIENT_FILTERS, query, _patient_item)
+        return await self._page(_PATIENT_SELECT, "p", _PATIENT_FILTERS, query, patient_item)
 
     async def get_patient(self, patient_id: str) -> dict[str, Any] | None:
         if not _storable(patient_id):
@@ -386,16 +366,16 @@ class PGStore(Store):
         row = await self._fetchrow(_PATIENT_SELECT + " WHERE p.patient_id = $1", patient_id)
         if row is None:
             return None
-        item = _patient_item(row)
+        item = patient_item(row)
         studies = await self._fetch(
             _STUDY_SELECT + " WHERE st.patient_pk = $1 ORDER BY st.id", row["id"])
-        item["studies"] = [_study_item(s) for s in studies]
+        item["studies"] = [study_item(s) for s in studies]
         return item
 
     async def list_rejections(self, query: ListQuery) -> Page:
         select = ("SELECT r.id, r.watcher_id, r.path, r.reason, r.detail, r.sop_instance_uid,"
                   " r.size, r.time FROM rejections r")
-        return await self._page(select, "r", _REJECTION_FILTERS, query, _rejection_item)
+        return await self._page(select, "r", _REJECTION_FILTERS, query, rejection_item)
 
     async def qido(self, query: QidoQuery) -> tuple[list[dict[str, Any]], bool]:
         sql, params = qido_pg.build(query)
@@ -519,5 +499,5 @@ class PGStore(Store):
     async def list_audit(self, query: ListQuery) -> Page:
         select = ("SELECT a.id, a.time, a.actor, a.role, a.action, a.target, a.address,"
                   " a.outcome FROM audit a")
-        return await self._page(select, "a", _AUDIT_FILTERS, query, _audit_item)
+        return await self._page(select, "a", _AUDIT_FILTERS, query, audit_item)
 

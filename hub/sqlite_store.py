@@ -25,6 +25,15 @@ from dicomhub.sqlitethread import DB_ERRORS, INTEGRITY_ERRORS, SQLiteThread, ope
 from dicomhub.protocol import InstanceRecord, Record, Rejection
 
 from . import qido_sqlite, schema
+from .items import (
+    audit_item,
+    instance_items,
+    patient_item,
+    rejection_item,
+    series_item,
+    study_item,
+    watcher_item,
+)
 from .qido import Query as QidoQuery
 from .store import AuditEntry, Change, IngestResult, KeyInfo, ListQuery, Page, Store, iso
 
@@ -70,40 +79,9 @@ _PATIENT_FILTERS = {"patient_id": "p.patient_id = ?"}
 _REJECTION_FILTERS = {"reason": "reason = ?", "watcher_id": "watcher_id = ?"}
 
 
-def _series_item(row: sqlite3.Row) -> dict[str, Any]:
-    item = dict(row)
-    del item["id"]
-    for key in ("first_seen", "last_seen", "stable_since"):
-        item[key] = iso(item[key])
-    return item
 
 
-def _study_item(row: sqlite3.Row) -> dict[str, Any]:
-    item = dict(row)
-    del item["id"]
-    item["modalities"] = sorted(filter(None, (item["modalities"] or "").split(",")))
-    item["first_seen"], item["last_seen"] = iso(item["first_seen"]), iso(item["last_seen"])
-    return item
 
-
-def _patient_item(row: sqlite3.Row) -> dict[str, Any]:
-    item = dict(row)
-    del item["id"]
-    item["first_seen"], item["last_seen"] = iso(item["first_seen"]), iso(item["last_seen"])
-    return item
-
-
-def _audit_item(row: sqlite3.Row) -> dict[str, Any]:
-    item = dict(row)
-    item["time"] = iso(item["time"])
-    return item
-
-
-def _rejection_item(row: sqlite3.Row) -> dict[str, Any]:
-    item = dict(row)
-    del item["id"]
-    item["time"] = iso(item["time"])
-    return item
 
 
 _OPEN_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, OSError, StoreError)
@@ -228,7 +206,7 @@ class SQLiteStore(Store):
 
     async def list_watchers(self) -> list[dict[str, Any]]:
         rows = await self._fetchall("SELECT * FROM watchers ORDER BY watcher_id")
-        return [_watcher_item(r) for r in rows]
+        return [watcher_item(r) for r in rows]
 
     # reads -------------------------------------------------------------------
 
@@ -251,59 +229,54 @@ class SQLiteStore(Store):
         return Page([convert(r) for r in rows], rows[-1]["id"] if more else None)
 
     async def list_series(self, query: ListQuery) -> Page:
-        return await self._page(_SERIES_SELECT, "s", _SERIES_FILTERS, query, _series_item)
+        return await self._page(_SERIES_SELECT, "s", _SERIES_FILTERS, query, series_item)
 
     async def get_series(self, series_uid: str) -> dict[str, Any] | None:
         row = await self._fetchone(_SERIES_SELECT + " WHERE s.series_instance_uid = ?",
                                    (series_uid,))
         if row is None:
             return None
-        item = _series_item(row)
+        item = series_item(row)
         rows = await self._fetchall(
             "SELECT sop_instance_uid, sop_class_uid, instance_number, number_of_frames,"
             " rows, columns, transfer_syntax_uid, watcher_id, path, size, received"
             " FROM instances WHERE series_pk = ? ORDER BY instance_number, id",
             (row["id"],))
-        instances = []
-        for r in rows:
-            instance = dict(r)
-            instance["received"] = iso(instance["received"])
-            instances.append(instance)
-        item["instances"] = instances
+        item["instances"] = instance_items(rows)
         return item
 
     async def list_studies(self, query: ListQuery) -> Page:
-        return await self._page(_STUDY_SELECT, "st", _STUDY_FILTERS, query, _study_item)
+        return await self._page(_STUDY_SELECT, "st", _STUDY_FILTERS, query, study_item)
 
     async def get_study(self, study_uid: str) -> dict[str, Any] | None:
         row = await self._fetchone(_STUDY_SELECT + " WHERE st.study_instance_uid = ?",
                                    (study_uid,))
         if row is None:
             return None
-        item = _study_item(row)
+        item = study_item(row)
         series = await self._fetchall(_SERIES_SELECT + " WHERE s.study_pk = ? ORDER BY s.id",
                                       (row["id"],))
-        item["series"] = [_series_item(s) for s in series]
+        item["series"] = [series_item(s) for s in series]
         return item
 
     async def list_patients(self, query: ListQuery) -> Page:
-        return await self._page(_PATIENT_SELECT, "p", _PATIENT_FILTERS, query, _patient_item)
+        return await self._page(_PATIENT_SELECT, "p", _PATIENT_FILTERS, query, patient_item)
 
     async def get_patient(self, patient_id: str) -> dict[str, Any] | None:
         row = await self._fetchone(_PATIENT_SELECT + " WHERE p.patient_id = ?", (patient_id,))
         if row is None:
             return None
-        item = _patient_item(row)
+        item = patient_item(row)
         studies = await self._fetchall(_STUDY_SELECT + " WHERE st.patient_pk = ? ORDER BY st.id",
                                        (row["id"],))
-        item["studies"] = [_study_item(s) for s in studies]
+        item["studies"] = [study_item(s) for s in studies]
         return item
 
     async def list_rejections(self, query: ListQuery) -> Page:
         select = ("SELECT r.id, r.watcher_id, r.path, r.reason, r.detail, r.sop_instance_uid,"
                   " r.size, r.time FROM rejections r")
         filters = {k: "r." + v for k, v in _REJECTION_FILTERS.items()}
-        return await self._page(select, "r", filters, query, _rejection_item)
+        return await self._page(select, "r", filters, query, rejection_item)
 
     async def qido(self, query: QidoQuery) -> tuple[list[dict[str, Any]], bool]:
         sql, params = qido_sqlite.build(query)
@@ -419,7 +392,7 @@ class SQLiteStore(Store):
         select = ("SELECT a.id, a.time, a.actor, a.role, a.action, a.target, a.address,"
                   " a.outcome FROM audit a")
         filters = {"actor": "a.actor = ?", "action": "a.action = ?"}
-        return await self._page(select, "a", filters, query, _audit_item)
+        return await self._page(select, "a", filters, query, audit_item)
 
     async def delete_session(self, token_hash: str) -> None:
         await self._writer.transaction(
@@ -438,19 +411,13 @@ def _log(con: sqlite3.Connection, now: float, kind: str, payload: dict[str, Any]
 
 def _series_state(con: sqlite3.Connection, series_pk: int) -> dict[str, Any]:
     row = con.execute(_SERIES_SELECT + " WHERE s.id = ?", (series_pk,)).fetchone()
-    return _series_item(row)
+    return series_item(row)
 
-
-def _watcher_item(row: sqlite3.Row) -> dict[str, Any]:
-    item = dict(row)
-    item["connected"] = bool(item["connected"])
-    item["first_seen"], item["last_seen"] = iso(item["first_seen"]), iso(item["last_seen"])
-    return item
 
 
 def _watcher_state(con: sqlite3.Connection, watcher_id: str) -> dict[str, Any]:
     row = con.execute("SELECT * FROM watchers WHERE watcher_id = ?", (watcher_id,)).fetchone()
-    return _watcher_item(row) if row is not None else {"watcher_id": watcher_id,
+    return watcher_item(row) if row is not None else {"watcher_id": watcher_id,
                                                          "connected": False}
 
 
