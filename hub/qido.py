@@ -36,6 +36,22 @@ class BadQuery(ValueError):
     """A query the hub cannot answer as asked; the message is shown to the client."""
 
 
+# The tables each level searches, under the aliases Attribute.column uses (the
+# same for every store engine), the key that orders its rows, and the columns
+# that a study or series scope (/studies/{uid}/series) fixes.
+FROM = {
+    "study": "studies st JOIN patients p ON p.id = st.patient_pk",
+    "series": "series se JOIN studies st ON st.id = se.study_pk"
+              " JOIN patients p ON p.id = st.patient_pk",
+    "instance": "instances i JOIN series se ON se.id = i.series_pk"
+                " JOIN studies st ON st.id = se.study_pk"
+                " JOIN patients p ON p.id = st.patient_pk",
+}
+KEY = {"study": "st.id", "series": "se.id", "instance": "i.id"}
+SCOPE = {"StudyInstanceUID": "st.study_instance_uid",
+         "SeriesInstanceUID": "se.series_instance_uid"}
+
+
 @dataclass(frozen=True)
 class Attribute:
     keyword: str

@@ -17,17 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .qido import Match, Query
+from .qido import FROM, KEY, SCOPE, Match, Query
 
-_FROM = {
-    "study": "studies st JOIN patients p ON p.id = st.patient_pk",
-    "series": "series se JOIN studies st ON st.id = se.study_pk"
-              " JOIN patients p ON p.id = st.patient_pk",
-    "instance": "instances i JOIN series se ON se.id = i.series_pk"
-                " JOIN studies st ON st.id = se.study_pk"
-                " JOIN patients p ON p.id = st.patient_pk",
-}
-_KEY = {"study": "st.id", "series": "se.id", "instance": "i.id"}
 _COMPUTED = {
     "ModalitiesInStudy": "(SELECT string_agg(DISTINCT m.modality, ',') FROM series m"
                          " WHERE m.study_pk = st.id)",
@@ -36,8 +27,6 @@ _COMPUTED = {
                                      " FROM series m WHERE m.study_pk = st.id)",
     "NumberOfSeriesRelatedInstances": "se.instance_count",
 }
-_SCOPE = {"StudyInstanceUID": "st.study_instance_uid",
-          "SeriesInstanceUID": "se.series_instance_uid"}
 _BIGINT = range(-2**63, 2**63)
 
 
@@ -70,14 +59,14 @@ def build(query: Query) -> tuple[str, list[Any]]:
     where: list[str] = []
     params = _Params()
     for keyword, uid in query.scope.items():
-        where.append(f"{_SCOPE[keyword]} = {params.add(uid)}" if "\x00" not in uid
+        where.append(f"{SCOPE[keyword]} = {params.add(uid)}" if "\x00" not in uid
                      else "FALSE")
     for match in query.matches:
         where.append(_condition(match, query.fuzzy, params))
-    sql = f"SELECT {', '.join(columns)} FROM {_FROM[query.level]}"
+    sql = f"SELECT {', '.join(columns)} FROM {FROM[query.level]}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += (f" ORDER BY {_KEY[query.level]}"
+    sql += (f" ORDER BY {KEY[query.level]}"
             f" LIMIT {params.add(query.limit + 1)} OFFSET {params.add(query.offset)}")
     return sql, params.values
 

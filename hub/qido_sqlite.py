@@ -10,17 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .qido import Match, Query
+from .qido import FROM, KEY, SCOPE, Match, Query
 
-_FROM = {
-    "study": "studies st JOIN patients p ON p.id = st.patient_pk",
-    "series": "series se JOIN studies st ON st.id = se.study_pk"
-              " JOIN patients p ON p.id = st.patient_pk",
-    "instance": "instances i JOIN series se ON se.id = i.series_pk"
-                " JOIN studies st ON st.id = se.study_pk"
-                " JOIN patients p ON p.id = st.patient_pk",
-}
-_KEY = {"study": "st.id", "series": "se.id", "instance": "i.id"}
 _COMPUTED = {
     "ModalitiesInStudy": "(SELECT group_concat(DISTINCT m.modality) FROM series m"
                          " WHERE m.study_pk = st.id)",
@@ -29,8 +20,6 @@ _COMPUTED = {
                                      " FROM series m WHERE m.study_pk = st.id)",
     "NumberOfSeriesRelatedInstances": "se.instance_count",
 }
-_SCOPE = {"StudyInstanceUID": "st.study_instance_uid",
-          "SeriesInstanceUID": "se.series_instance_uid"}
 
 
 def escape_glob(text: str) -> str:
@@ -50,16 +39,16 @@ def build(query: Query) -> tuple[str, list[Any]]:
     where: list[str] = []
     params: list[Any] = []
     for keyword, uid in query.scope.items():
-        where.append(f"{_SCOPE[keyword]} = ?")
+        where.append(f"{SCOPE[keyword]} = ?")
         params.append(uid)
     for match in query.matches:
         sql, values = _condition(match, query.fuzzy)
         where.append(sql)
         params += values
-    sql = f"SELECT {', '.join(columns)} FROM {_FROM[query.level]}"
+    sql = f"SELECT {', '.join(columns)} FROM {FROM[query.level]}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY {_KEY[query.level]} LIMIT ? OFFSET ?"
+    sql += f" ORDER BY {KEY[query.level]} LIMIT ? OFFSET ?"
     params += [query.limit + 1, query.offset]
     return sql, params
 
