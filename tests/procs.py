@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -12,11 +13,12 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 import factory
 from conftest import TIMEOUT, Api, wait_for
@@ -97,16 +99,38 @@ class Service:
         return await asyncio.wait_for(self.proc.wait(), TIMEOUT)
 
 
+def config_with_keys(tmp_path: Path, hub: str = "") -> tuple[str, str]:
+    """A fresh config.toml (`hub`: extra [hub] lines) and an (ingest, read) key pair
+    made in its database with the CLI."""
+    write_config(tmp_path, hub=hub)
+    ingest = run_cli("keys", "create", "--role", "ingest", "--name", "w", cwd=tmp_path)
+    read = run_cli("keys", "create", "--role", "read", "--name", "r", cwd=tmp_path)
+    return ingest.stdout.strip(), read.stdout.strip()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` (e.g. "32m") on a new folder `mount`, unmounted after.
+    Mounting needs root (CI runs as root); elsewhere the test is skipped."""
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 async def hub_with_keys(tmp_path: Path, services: list[Service],
                         name: str = "hub") -> tuple[Service, str, str, str]:
     """A hub process on a fresh config: (service, base URL, ingest key, read key)."""
-    write_config(tmp_path)
-    ingest = run_cli("keys", "create", "--role", "ingest", "--name", "w", cwd=tmp_path)
-    read = run_cli("keys", "create", "--role", "read", "--name", "r", cwd=tmp_path)
+    ingest, read = config_with_keys(tmp_path)
     hub = await Service.start("hub", cwd=tmp_path, name=name)
     services.append(hub)
     url = (await hub.read_until(r"listening on (http://\S+)")).group(1)
-    return hub, url, ingest.stdout.strip(), read.stdout.strip()
+    return hub, url, ingest, read
 
 
 async def restart_hub(tmp_path: Path, services: list[Service], url: str,
@@ -208,14 +232,6 @@ def drop(inbox: Path, name: str, study: str, series: int, count: int) -> None:
         factory.write(path, StudyInstanceUID=study, SeriesInstanceUID=f"{study}.{series}",
                       InstanceNumber=n + 1, PatientID=f"P{series}")
         os.rename(path, inbox / path.name)
-
-
-def shared_hub_config(tmp_path: Path, database_url: str) -> tuple[str, str]:
-    """config.toml for hubs on one PostgreSQL database, and (ingest, read) keys in it."""
-    write_config(tmp_path, hub=f'database = "{database_url}"')
-    ingest = run_cli("keys", "create", "--role", "ingest", "--name", "w", cwd=tmp_path)
-    read = run_cli("keys", "create", "--role", "read", "--name", "r", cwd=tmp_path)
-    return ingest.stdout.strip(), read.stdout.strip()
 
 
 async def start_hub(tmp_path: Path, services: list[Service], name: str) -> tuple[Service, str]:

@@ -21,6 +21,7 @@ from dicomhub import keys
 from procs import (
     KEY_RE,
     Service,
+    config_with_keys,
     hub_with_keys,
     outbox_size,
     restart_hub,
@@ -246,11 +247,7 @@ async def test_sigterm_stops_the_hub_cleanly_and_live_clients_see_1001(
 @pytest.mark.asyncio
 async def test_sigterm_stops_a_watcher_with_its_outbox_intact(
         tmp_path: Path, services: list[Service]) -> None:
-    write_config(tmp_path)
-    ingest_key = run_cli("keys", "create", "--role", "ingest", "--name", "w",
-                         cwd=tmp_path).stdout.strip()
-    read_key = run_cli("keys", "create", "--role", "read", "--name", "r",
-                       cwd=tmp_path).stdout.strip()
+    ingest_key, read_key = config_with_keys(tmp_path)
     inbox, state = tmp_path / "inbox", tmp_path / "state"
     with socket.socket() as sock:  # the hub's port, bound but not listening: refused
         sock.bind(("127.0.0.1", 0))

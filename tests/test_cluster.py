@@ -16,8 +16,8 @@ from procs import (
     LiveClient,
     Service,
     all_changes,
+    config_with_keys,
     drop,
-    shared_hub_config,
     start_hub,
     start_watcher,
 )
@@ -29,7 +29,7 @@ STABLE_AFTER = 1.0
 
 async def test_two_hubs_share_the_log_and_survive_a_kill(
         tmp_path: Path, services: list[Service], pg_database: str) -> None:
-    ingest_key, read_key = shared_hub_config(tmp_path, pg_database)
+    ingest_key, read_key = config_with_keys(tmp_path, f'database = "{pg_database}"')
     hub_a, url_a = await start_hub(tmp_path, services, "hubA")
     await hub_a.logged(r"now runs the series stability timers")  # A leads
     hub_b, url_b = await start_hub(tmp_path, services, "hubB")

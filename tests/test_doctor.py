@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import textwrap
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import pytest
 from conftest import RunningHub
 from dicomhub import checks, doctor
 from dicomhub.checks import Mount, Status
-from procs import Service, hub_with_keys, run_cli, write_config
+from procs import Service, hub_with_keys, mounted_tmpfs, run_cli, write_config
 
 NOW = 1_800_000_000.0  # a fixed "now" for the pure checks
 DAY = 86400.0
@@ -362,16 +361,8 @@ def test_a_low_inotify_limit_warns(tmp_path: Path, closed_port: int) -> None:
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real 160 MiB tmpfs (mounting needs root, as in CI)."""
-    mount = tmp_path / "share"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "share", "160m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_file_system_type_and_free_space_on_a_real_tmpfs(tmp_path: Path, small_tmpfs: Path,

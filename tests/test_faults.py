@@ -30,6 +30,7 @@ from procs import (
     Service,
     all_changes,
     hub_with_keys,
+    mounted_tmpfs,
     outbox_size,
     peak_rss_mb,
     restart_hub,
@@ -235,18 +236,10 @@ async def test_a_burst_of_ten_thousand_files_streams_through(
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 32 MiB tmpfs for the watcher's state folder, so the test can fill it for real.
     Mounting needs root (CI runs as root)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
     # Room for SQLite's write-ahead log, which grows to 4 MiB (1,000 pages) before its
     # first checkpoint: a smaller disk could fill before the test fills it.
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "32m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(folder: Path) -> Path:

@@ -14,7 +14,7 @@ import pytest
 import factory
 from conftest import Api, wait_for
 from dicomhub.logs import fields
-from procs import Service, run_cli, write_config
+from procs import Service, config_with_keys, run_cli
 
 TEXT_EVENT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z "
                         r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) +[\w.]+: ")
@@ -49,11 +49,7 @@ def test_an_event_has_the_stable_keys_and_an_error_on_one_line() -> None:
 @pytest.mark.slow
 async def test_json_and_text_logs_and_no_patient_data_at_debug_level(
         tmp_path: Path, services: list[Service]) -> None:
-    write_config(tmp_path)
-    ingest_key = run_cli("keys", "create", "--role", "ingest", "--name", "w",
-                         cwd=tmp_path).stdout.strip()
-    read_key = run_cli("keys", "create", "--role", "read", "--name", "r",
-                       cwd=tmp_path).stdout.strip()
+    ingest_key, read_key = config_with_keys(tmp_path)
     hub = await Service.start("hub", "--log-format", "json", "--log-level", "debug",
                               cwd=tmp_path, name="hub")
     services.append(hub)

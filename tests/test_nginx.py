@@ -20,8 +20,8 @@ from procs import (
     LiveClient,
     Service,
     all_changes,
+    config_with_keys,
     drop,
-    shared_hub_config,
     start_hub,
     start_watcher,
 )
@@ -87,7 +87,7 @@ async def nginx_program() -> AsyncIterator[str]:
 
 async def test_watchers_and_dashboards_behind_nginx_survive_a_hub(
         tmp_path: Path, services: list[Service], pg_database: str, nginx_program: str) -> None:
-    ingest_key, read_key = shared_hub_config(tmp_path, pg_database)
+    ingest_key, read_key = config_with_keys(tmp_path, f'database = "{pg_database}"')
     hubs = [await start_hub(tmp_path, services, name) for name in ("hubA", "hubB")]
     prefix = tmp_path / "nginx"
     prefix.mkdir()
