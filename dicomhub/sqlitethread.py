@@ -73,6 +73,7 @@ class SQLiteThread:
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._con: sqlite3.Connection | None = None
+        self._durable = True  # connect() sets synchronous=FULL
 
     async def open(self, path: Path, key: str | None = None) -> sqlite3.Connection:
         self._con = await self.run(connect, path, key)
@@ -93,16 +94,27 @@ class SQLiteThread:
         """Run `fn(*args)` on the connection's thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(con)` inside BEGIN IMMEDIATE … COMMIT; roll back if it raises."""
-        return await self.run(self._in_transaction, fn)
+    async def transaction(self, fn: Callable[[sqlite3.Connection], T], *,
+                          durable: bool = True) -> T:
+        """Run `fn(con)` inside BEGIN IMMEDIATE … COMMIT; roll back if it raises.
 
-    def _in_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        `durable=False` commits without waiting for the disk: for a transaction
+        whose loss at power failure costs nothing but a repetition. In WAL mode
+        such a commit is still atomic and ordered: it can only be lost together
+        with every commit after it, up to the next durable one, which makes it
+        durable too."""
+        return await self.run(self._in_transaction, fn, durable)
+
+    def _in_transaction(self, fn: Callable[[sqlite3.Connection], T],
+                        durable: bool = True) -> T:
         con = self.con
         if con.in_transaction:
             # A ROLLBACK that failed (a full disk can refuse even that) left this one
             # open; end it, or every later BEGIN fails and the connection is stuck.
             con.execute("ROLLBACK")
+        if durable != self._durable:  # per connection, and set outside transactions
+            con.execute("PRAGMA synchronous=" + ("FULL" if durable else "NORMAL"))
+            self._durable = durable
         con.execute("BEGIN IMMEDIATE")
         try:
             result = fn(con)

@@ -6,6 +6,12 @@ record waits in the outbox, the file is not parsed again) or neither does
 (the file is parsed again). A record leaves the outbox only when the hub has
 acknowledged it, which the hub does only after its own commit.
 
+Two writes skip waiting for the disk, because losing them at a power failure
+costs only a repetition: removing acknowledged records (they are sent again and
+the hub, idempotent, counts them once), and storing records of files this
+watcher synced itself under a watched folder (the DICOM listener's): the
+start-up walk finds such a file again when its record is gone.
+
 Paths are stored as bytes: file names need not be valid UTF-8.
 """
 
@@ -55,6 +61,9 @@ class Outcome:
     mtime_ns: int
     text: str
     remember: bool = True  # False for outcomes worth retrying (e.g. unreadable files)
+    # True when the file is this watcher's own, synced under a watched folder: the
+    # start-up walk would find it again, so its record may be stored lazily.
+    refound: bool = False
 
     @classmethod
     def of(cls, path: bytes, size: int, mtime_ns: int, record: Record) -> Outcome:
@@ -139,12 +148,12 @@ class State:
                     con.execute("DELETE FROM delivered WHERE path = ?", (outcome.path,))
             return len(rows)
 
-        added, count = await self._write(run)
+        added, count = await self._write(run, durable=not all(o.refound for o in rows))
         self.backlog = self.backlog + added if count is None else count
         return added
 
-    async def _write(self, run: Callable[[sqlite3.Connection], int]
-                     ) -> tuple[int, int | None]:
+    async def _write(self, run: Callable[[sqlite3.Connection], int], *,
+                     durable: bool = True) -> tuple[int, int | None]:
         """Run a write transaction: its result, and the outbox's size when it had to
         be counted. After a failed write it is counted with the next that succeeds:
         on a full disk SQLite can report an error for a commit that did reach the
@@ -158,7 +167,7 @@ class State:
             return result, count
 
         try:
-            result, count = await self._db.transaction(write)
+            result, count = await self._db.transaction(write, durable=durable)
         except DB_ERRORS as exc:
             self._uncertain = True
             raise StateError(f"cannot write to the state folder {str(self.folder)!r}: "
@@ -182,7 +191,7 @@ class State:
             return con.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?",
                                (first_id, last_id)).rowcount
 
-        removed, count = await self._write(run)
+        removed, count = await self._write(run, durable=False)
         self.backlog = self.backlog - removed if count is None else count
         return removed
 
