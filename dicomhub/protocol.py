@@ -32,6 +32,11 @@ from typing import Any, ClassVar, Union
 PROTOCOL_VERSION = 1
 
 MAX_BATCH_RECORDS = 1000
+# Messages a watcher may send a second, on average and at once: the hub closes the
+# connection of one sending faster (a broken or hostile client), so the watcher
+# paces itself below both.
+MAX_FRAMES_PER_SECOND = 100
+FRAME_BURST = 200
 MAX_TEXT = 1024  # longest free-text attribute we accept (DICOM LO/PN are far shorter)
 MAX_UID = 128  # DICOM says 64; real files exceed it, so accept but bound it
 MAX_PATH = 4096

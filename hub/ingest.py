@@ -17,7 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from aiohttp import WSMsgType, web
 
 from dicomhub import __version__
+from dicomhub.bucket import TokenBucket
 from dicomhub.protocol import (
+    FRAME_BURST,
+    MAX_FRAMES_PER_SECOND,
     PROTOCOL_VERSION,
     Ack,
     Batch,
@@ -33,15 +36,11 @@ from dicomhub.protocol import (
 
 from .auth import KEY_INFO, STORE_KEY, guard_socket, requires
 from .metrics import METRICS_KEY
-from .ratelimit import TokenBucket
 from .store import Change, KeyInfo
 
 log = logging.getLogger("dicomhub.hub")
 
 HELLO_TIMEOUT = 30.0
-# Hostile or broken clients: a watcher sends a few batches a second at most.
-MAX_FRAMES_PER_SECOND = 100
-FRAME_BURST = 200
 MAX_VIOLATIONS = 20  # malformed messages answered before the connection is closed
 MAX_FRAME = 16 * 1024 * 1024  # a full batch of records with long paths fits easily
 CLOSE_POLICY = 1008

@@ -48,20 +48,3 @@ class FailureLimiter:
     def _forget_oldest(self) -> None:
         oldest = min(self._failures, key=lambda a: self._failures[a][-1])
         del self._failures[oldest]
-
-
-class TokenBucket:
-    """At most `rate` events a second on average, `burst` at once (pure)."""
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens, self.updated = burst, now
-
-    def take(self, now: float) -> bool:
-        """Spend one token; False when none is left (the caller refuses the event)."""
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True

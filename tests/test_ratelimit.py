@@ -54,10 +54,22 @@ async def test_hub_answers_429_after_repeated_bad_keys(hub: RunningHub,
 
 
 def test_token_bucket_allows_bursts_then_the_rate() -> None:
-    from hub.ratelimit import TokenBucket
+    from dicomhub.bucket import TokenBucket
 
     bucket = TokenBucket(rate=10.0, burst=3.0, now=0.0)
     assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
     assert bucket.take(0.05) is False  # half a token back
     assert bucket.take(0.1) is True  # one token after 0.1 s at 10/s
     assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]  # capped
+
+
+def test_token_bucket_says_how_long_until_the_next_token() -> None:
+    from dicomhub.bucket import TokenBucket
+
+    bucket = TokenBucket(rate=10.0, burst=2.0, now=0.0)
+    assert bucket.delay(0.0) == 0.0
+    bucket.take(0.0)
+    bucket.take(0.0)
+    assert bucket.delay(0.0) == pytest.approx(0.1)
+    assert bucket.delay(0.04) == pytest.approx(0.06)
+    assert bucket.delay(0.1) == 0.0 and bucket.take(0.1)

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,8 +30,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from dicomhub import __version__
 from dicomhub.aio import cancelled_quietly
+from dicomhub.bucket import TokenBucket
 from dicomhub.errors import DicomhubError
 from dicomhub.protocol import (
+    FRAME_BURST,
+    MAX_FRAMES_PER_SECOND,
     PROTOCOL_VERSION,
     Ack,
     Error,
@@ -48,6 +52,10 @@ from .state import State, StateError
 log = logging.getLogger("dicomhub.watcher")
 
 WELCOME_TIMEOUT = 30.0
+# The pace kept below the hub's limit, which closes the connection of a faster client:
+# records that arrive one by one (the DICOM listener's) then wait to share a batch.
+PACE = 0.8 * MAX_FRAMES_PER_SECOND
+PACE_BURST = FRAME_BURST // 2
 MAX_FRAME = 16 * 1024 * 1024
 
 
@@ -282,9 +290,12 @@ class Link:
     async def _send_loop(self, ws: ClientConnection,
                          in_flight: collections.deque[tuple[int, int, int]]) -> None:
         last_sent = 0
+        pace = TokenBucket(PACE, PACE_BURST, time.monotonic())  # the hub's starts full too
         while True:
             self._wake.clear()
             if len(in_flight) < self.window:
+                if wait := pace.delay(time.monotonic()):
+                    await asyncio.sleep(wait)
                 rows = await self.state.pending(last_sent, self.batch_size)
                 if rows:
                     first, last_sent = rows[0][0], rows[-1][0]
@@ -297,12 +308,14 @@ class Link:
                              + ",".join(text for _, text in rows) + "]}")
                     in_flight.append((first, last_sent, len(rows)))
                     self._reported = backlog
+                    pace.take(time.monotonic())
                     await ws.send(frame)
                     continue
                 if not in_flight and self.state.backlog != self._reported:
                     # Nothing left to send, but the hub's figure is stale (records
                     # removed late, or records only this watcher still holds).
                     self._reported = self.state.backlog
+                    pace.take(time.monotonic())
                     await ws.send(encode_message(Status(backlog=self._reported)))
             await self._wake.wait()
 
