@@ -1,6 +1,10 @@
-"""Watchdog events reduced to what the watcher acts on (pure)."""
+"""Watchdog events reduced to what the watcher acts on (pure), and folders left out
+of the watch (real observers on real folders)."""
 
 from __future__ import annotations
+
+import asyncio
+from pathlib import Path
 
 import pytest
 from watchdog.events import (
@@ -19,7 +23,8 @@ from watchdog.events import (
     FileSystemEvent,
 )
 
-from watcher.events import Change, translate
+from conftest import TIMEOUT
+from watcher.events import Change, start_observer, translate
 
 
 @pytest.mark.parametrize(("event", "changes"), [
@@ -43,3 +48,34 @@ def test_translate(event: FileSystemEvent, changes: list[Change]) -> None:
 
 def test_byte_paths_become_text() -> None:
     assert translate(FileCreatedEvent(b"/in/\xff.dcm")) == [Change("file", "/in/\udcff.dcm")]
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+async def test_a_folder_left_out_raises_no_events(tmp_path: Path, polling: bool) -> None:
+    root = tmp_path / "inbox"
+    left_out = root / "dicom"
+    (left_out / "1.2").mkdir(parents=True)
+    changes: list[Change] = []
+    marker_seen = asyncio.Event()
+
+    def deliver(change: Change) -> None:
+        changes.append(change)
+        if change.path.endswith("marker.dcm"):
+            marker_seen.set()
+
+    observer = start_observer([root], deliver, polling=polling, poll_interval=0.1,
+                              exclude=[left_out])
+    try:
+        (left_out / "1.2" / "a.dcm").write_bytes(b"a")  # in a folder there at the start
+        (left_out / "3.4" / "5.6").mkdir(parents=True)  # and in folders made since
+        (left_out / "3.4" / "5.6" / "b.dcm").write_bytes(b"b")
+        (root / "elsewhere").mkdir()
+        (root / "elsewhere" / "marker.dcm").write_bytes(b"m")
+        # Events come in order (one inotify queue; one snapshot when polling): had
+        # the left-out files raised any, they would be here before the marker's.
+        await asyncio.wait_for(marker_seen.wait(), TIMEOUT)
+    finally:
+        observer.stop()
+        await asyncio.to_thread(observer.join, TIMEOUT)
+    assert not [c for c in changes if c.path.startswith(str(left_out))], changes
+    assert Change("dir", str(root / "elsewhere")) in changes
