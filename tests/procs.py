@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import re
@@ -121,6 +122,22 @@ def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a ballast file until the file system is full (it may be full already:
+    the watcher's SQLite files grow too)."""
+    ballast = folder / "ballast"
+    try:
+        with ballast.open("wb") as fh:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    with contextlib.suppress(OSError):
+        ballast.with_name("crumbs").write_bytes(b"\0" * 4096)  # the last partial page
+    return ballast
 
 
 async def hub_with_keys(tmp_path: Path, services: list[Service],

@@ -26,7 +26,8 @@ import factory
 from conftest import TIMEOUT, Api, RunningHub, wait_for
 from dicomhub.config import DicomConfig
 from dicomhub.bench.cstore import no_delay
-from procs import Service, hub_with_keys, restart_hub
+from procs import Service, fill, hub_with_keys, mounted_tmpfs, restart_hub
+from watcher.spool import Spool
 
 pytestmark = pytest.mark.asyncio
 
@@ -80,6 +81,24 @@ def data_set_bytes(path: Path) -> bytes:
     return raw[132 + 12 + group_length:]
 
 
+async def spool_settled(listener: Any) -> None:
+    """Wait until the spool holds nothing but the empty files it makes ahead: every
+    instance has its final name, synced, and nothing half-written is left."""
+    def sizes() -> list[int]:
+        out = []
+        for path in listener.incoming.iterdir():
+            try:
+                out.append(path.stat().st_size)
+            except FileNotFoundError:
+                out.append(-1)  # removed while listed: look again
+        return out
+
+    async def settled() -> bool:
+        return not any(sizes())
+
+    await wait_for(settled, "the spool to settle")
+
+
 @pytest.fixture
 async def listening(hub: RunningHub, run_watcher, tmp_path: Path) -> Any:
     running = await run_watcher(hub, dicom=DicomConfig(
@@ -106,9 +125,8 @@ async def test_five_hundred_instances_arrive_whole_and_are_indexed_once(
         path = folder / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
         implicit = pydicom.dcmread(path).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
         assert data_set_bytes(path) == encode(ds, implicit, True)  # as sent, byte for byte
-    incoming = listening.watcher.listener.incoming
-    assert not list(incoming.iterdir())  # no temporary file left
-    assert listening.inbox not in incoming.parents  # written outside the watched tree
+    await spool_settled(listening.watcher.listener)
+    assert listening.inbox not in listening.watcher.listener.incoming.parents  # outside the tree
     # Sending again is harmless: same files, same records, counted once.
     assert await asyncio.to_thread(send, port, datasets[:20]) == [0] * 20
     stats = await api.get("/api/stats")
@@ -179,7 +197,7 @@ async def test_a_sender_killed_mid_association_loses_only_what_was_not_acknowled
     await wait_for(delivered, "every acknowledged instance to be indexed")
     stored = (await api.get("/api/stats"))["instances"]
     assert acknowledged <= stored <= acknowledged + 1
-    assert not list(listening.watcher.listener.incoming.iterdir())
+    await spool_settled(listening.watcher.listener)
 
 
 def free_port() -> int:
@@ -227,6 +245,98 @@ async def test_a_watcher_killed_right_after_success_still_indexes_the_instance(
     # Its record reached the outbox before the kill (nothing to read back), or the
     # start-up walk found the file, durable before success was answered, and read it.
     assert re.search(r"parsed [01] files this run", log)
+
+
+async def test_a_full_disk_is_answered_out_of_resources_and_leaves_nothing(
+        hub: RunningHub, run_watcher: Any, api: Api, tmp_path: Path) -> None:
+    with mounted_tmpfs(tmp_path / "disk", "16m") as disk:
+        running = await run_watcher(hub, watch=(disk,), dicom=DicomConfig(
+            enabled=True, port=0, allowed_calling_aets=(SCANNER,)))
+        listener = running.watcher.listener
+        # The state folder is on another file system: the spool sits beside the store.
+        assert disk in listener.incoming.parents
+        (disk / ".ballast").mkdir()  # hidden: the watcher leaves it alone
+        ballast = fill(disk / ".ballast")
+        first, second = instance(0, 1), instance(0, 2)
+        assert await asyncio.to_thread(send, listener.port, [first]) == [0xA700]
+        assert not list((disk / "dicom").rglob("*.dcm"))
+        await spool_settled(listener)  # nothing half-written in the spool either
+        ballast.unlink()
+        ballast.with_name("crumbs").unlink(missing_ok=True)
+        assert await asyncio.to_thread(send, listener.port, [first, second]) == [0, 0]
+
+        async def indexed() -> bool:
+            return (await api.get("/api/stats"))["instances"] == 2
+
+        await wait_for(indexed, "both instances once the disk has room")
+        await running.stop()
+
+
+async def test_an_instance_a_crash_left_in_the_spool_is_placed_and_indexed_at_start(
+        hub: RunningHub, run_watcher: Any, api: Api, tmp_path: Path) -> None:
+    ds = instance(0, 1, "1.2.826.0.1.3680043.8.1055.16")
+    source = tmp_path / "source.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    store = tmp_path / "inbox-w1" / "dicom"
+    final = store / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    # What a power failure can leave: the instance synced in the spool (success was
+    # answered), its link to the final name lost.
+    crashed = Spool(tmp_path / "state-w1" / "incoming", store)
+    crashed.open()
+    entry = crashed.take()
+    entry.write(source.read_bytes())
+    entry.commit(final)
+    final.unlink()
+    running = await run_watcher(hub, dicom=DicomConfig(enabled=True, port=0))
+
+    async def indexed() -> bool:
+        return (await api.get("/api/stats"))["instances"] == 1
+
+    await wait_for(indexed, "the instance put back from the spool")
+    assert final.read_bytes() == source.read_bytes()
+    await spool_settled(running.watcher.listener)
+
+
+async def test_files_others_put_in_the_listeners_folder_are_found_by_the_rescan(
+        hub: RunningHub, run_watcher: Any, api: Api) -> None:
+    running = await run_watcher(hub, rescan_interval=0.5, dicom=DicomConfig(
+        enabled=True, port=0, allowed_calling_aets=(SCANNER,)))
+    assert await asyncio.to_thread(send, running.watcher.listener.port,
+                                   [instance(0, 1)]) == [0]
+    # No file events come from the listener's folder: what it stores it hands over.
+    factory.write(running.inbox / "dicom" / "by-hand" / "other.dcm")
+
+    async def indexed() -> bool:
+        return (await api.get("/api/stats"))["instances"] == 2
+
+    await wait_for(indexed, "the stored instance and the one put there by hand")
+    assert running.watcher.rescans >= 1
+
+
+async def test_instances_streaming_in_are_paced_below_the_hubs_message_limit(
+        hub: RunningHub, run_watcher: Any, api: Api, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from hub import ingest
+    from watcher import link
+
+    # The real limits (100 a second, 200 at once) scaled down, so that a test can
+    # send faster than them: each instance arrives alone, and unpaced, the watcher
+    # would send a batch every few milliseconds.
+    monkeypatch.setattr(ingest, "MAX_FRAMES_PER_SECOND", 20)
+    monkeypatch.setattr(ingest, "FRAME_BURST", 10)
+    monkeypatch.setattr(link, "PACE", 16.0)
+    monkeypatch.setattr(link, "PACE_BURST", 5)
+    running = await run_watcher(hub, dicom=DicomConfig(
+        enabled=True, port=0, allowed_calling_aets=(SCANNER,)))
+    datasets = [instance(n % 3, n) for n in range(150)]
+    assert await asyncio.to_thread(send, running.watcher.listener.port, datasets) == [0] * 150
+
+    async def indexed() -> bool:
+        return (await api.get("/api/stats"))["instances"] == 150
+
+    await wait_for(indexed, "150 instances")
+    assert "more than" not in caplog.text  # the hub never closed the connection
+    assert running.watcher.link.connected.is_set()
 
 
 async def test_a_busy_dicom_port_is_one_clear_line(tmp_path: Path) -> None:
@@ -335,7 +445,7 @@ async def test_a_large_instance_goes_to_disk_as_it_arrives(
     path = listening.inbox / "dicom" / ds.StudyInstanceUID / ds.SeriesInstanceUID \
         / f"{ds.SOPInstanceUID}.dcm"
     assert data_set_bytes(path) == encode(ds, False, True)
-    assert not list(listening.watcher.listener.incoming.iterdir())
+    await spool_settled(listening.watcher.listener)
 
 
 async def test_associations_beyond_the_limit_are_refused_until_one_ends(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from conftest import Api, wait_for
 from procs import (
     Service,
     all_changes,
+    fill,
     hub_with_keys,
     mounted_tmpfs,
     outbox_size,
@@ -240,22 +240,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     # first checkpoint: a smaller disk could fill before the test fills it.
     with mounted_tmpfs(tmp_path / "disk", "32m") as mount:
         yield mount
-
-
-def fill(folder: Path) -> Path:
-    """Write a ballast file until the file system is full (it may be full already:
-    the watcher's SQLite files grow too)."""
-    ballast = folder / "ballast"
-    try:
-        with ballast.open("wb") as fh:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-    with contextlib.suppress(OSError):
-        ballast.with_name("crumbs").write_bytes(b"\0" * 4096)  # the last partial page
-    return ballast
 
 
 def remount(folder: Path, mode: str) -> None:

@@ -194,3 +194,14 @@ def test_zero_settle_is_due_immediately() -> None:
     settler: Settler[str] = Settler(0.0)
     settler.observe("a", 1, mtime=10.0, now=10.0)
     assert settler.due(10.0) == [("a", 1, 10.0)]
+
+
+
+def test_results_streaming_in_are_committed_together() -> None:
+    from watcher.service import GROUP_COMMIT, group_delay
+
+    # After a commit at t=10, results wait until GROUP_COMMIT has passed...
+    assert group_delay(10.0, 10.001, 1, 200) == pytest.approx(GROUP_COMMIT - 0.001)
+    # ...unless a batch is full, or the last commit is long past.
+    assert group_delay(10.0, 10.001, 200, 200) == 0.0
+    assert group_delay(10.0, 11.0, 1, 200) == 0.0

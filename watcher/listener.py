@@ -2,11 +2,12 @@
 
 Scanners and archives that cannot write to a share send over the DICOM network
 protocol. What they send keeps the folder's promise: each instance is written
-under a temporary name outside the watched tree, synced, renamed into
-``store_into/<Study UID>/<Series UID>/<SOP Instance UID>.dcm``, and its record
-handed to the outbox, all before the C-STORE response says success. A peer
-that hears success can forget the instance; until then, nothing is promised
-and a resend is harmless (same name, same record, and the hub is idempotent).
+into the spool outside the watched tree, synced, and given its final name
+``store_into/<Study UID>/<Series UID>/<SOP Instance UID>.dcm`` (see `spool`)
+before the C-STORE response says success. A peer that hears success can forget
+the instance; until then, nothing is promised and a resend is harmless (same
+name, same record, and the hub is idempotent). The record, already parsed from
+memory, goes to the outbox after the response.
 
 Each association runs on a thread of its own with blocking I/O; `dicomnet` holds
 the protocol without I/O. Records are handed to the watcher's event loop, which
@@ -20,14 +21,12 @@ import contextlib
 import logging
 import os
 import re
-import secrets
 import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import BinaryIO
 
 from dicomhub.config import DicomConfig
 from dicomhub.errors import DicomhubError
@@ -35,6 +34,7 @@ from dicomhub.protocol import InstanceRecord, Rejection, record_text
 
 from . import dicomnet as net
 from . import reader
+from .spool import Entry, Spool
 from .state import Outcome
 
 log = logging.getLogger("dicomhub.watcher")
@@ -43,8 +43,9 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 INCOMING = ".incoming"  # hidden: the watcher ignores it
 ASSOCIATE_TIMEOUT = 30.0  # for the A-ASSOCIATE-RQ after connecting (the ARTIM timer)
 IDLE_TIMEOUT = 120.0  # an association silent this long is aborted
-SPILL_BYTES = 32 << 20  # larger data sets go to their temporary file as they arrive
+SPILL_BYTES = 32 << 20  # larger data sets go to their spool file as they arrive
 RECENT = 10_000  # instances whose own file event is still expected
+HANDOVER = 0.005  # seconds a stored instance's record may wait to join others
 
 
 class Listener:
@@ -54,10 +55,13 @@ class Listener:
         self.config, self.folder, self.root, self.label = config, folder, root, label
         self.scratch = scratch  # a folder for temporary files, outside the watched tree
         self.incoming = folder / INCOMING
+        self.spool = Spool(self.incoming, folder)
         self.loop, self.accept = loop, accept
         self.received = 0
         self.in_flight: set[str] = set()  # paths being written: not for the watcher's parsers
         self._recent: OrderedDict[str, int] = OrderedDict()  # path: size, until its event
+        self._arrived: list[Outcome] = []  # stored, not yet handed to the event loop
+        self._draining = False  # a drain is scheduled
         self._lock = threading.Lock()
         self._server: socket.socket | None = None
         self._accepting: threading.Thread | None = None
@@ -66,7 +70,18 @@ class Listener:
         self._contexts = net.supported_contexts()
 
     def start(self) -> None:
-        self.incoming = _incoming(self.folder, self.scratch)
+        """Put back what a crash left in the spool, then listen. Raises DicomhubError."""
+        try:
+            self.incoming = _incoming(self.folder, self.scratch)
+            self.spool = Spool(self.incoming, self.folder)
+            recovered = self.spool.recover(self._final_of)
+            self.spool.start()
+        except OSError as exc:
+            raise DicomhubError(f"cannot write DICOM instances into {self.folder}: "
+                                f"{exc.strerror or exc}") from None
+        if recovered:
+            log.warning("DICOM listener: %d instances received before a crash were put "
+                        "in place", recovered)
         try:
             self._server = socket.create_server((self.config.host, self.config.port),
                                                 backlog=64)
@@ -104,6 +119,7 @@ class Listener:
                 conn.shutdown(socket.SHUT_RDWR)  # wakes recv(); the thread sends no more
         for _, thread in open_:
             thread.join(10)
+        self.spool.stop()
 
     def busy(self, path: str) -> bool:
         """On the event loop: whether a file event for `path` is this listener's own
@@ -119,16 +135,33 @@ class Listener:
         except OSError:
             return False
 
-    def _accepted(self, outcome: Outcome) -> None:
-        """On the event loop: the record joins the outbox with the next commit."""
-        path = os.fsdecode(outcome.path)
-        self.accept(outcome)
-        self._recent[path] = outcome.size
-        if len(self._recent) > RECENT:
-            self._recent.popitem(last=False)
+    def drain(self) -> None:
+        """On the event loop: hand what arrived to the outbox (its next commit)."""
         with self._lock:
-            self.in_flight.discard(path)
-            self.received += 1
+            arrived, self._arrived = self._arrived, []
+            self._draining = False
+        for outcome in arrived:
+            path = os.fsdecode(outcome.path)
+            self.accept(outcome)
+            self._recent[path] = outcome.size
+            if len(self._recent) > RECENT:
+                self._recent.popitem(last=False)
+        with self._lock:
+            for outcome in arrived:
+                self.in_flight.discard(os.fsdecode(outcome.path))
+            self.received += len(arrived)
+
+    def _hand_over(self, final: Path, record: InstanceRecord, st: os.stat_result) -> None:
+        """After the response: the record, to the event loop with others that arrive
+        within HANDOVER (one wake-up of the loop for them all)."""
+        rel = reader.display_path(final, self.root, self.label)
+        text = record_text(replace(record, path=rel, size=st.st_size, mtime=st.st_mtime))
+        outcome = Outcome(os.fsencode(final), st.st_size, st.st_mtime_ns, text, refound=True)
+        with self._lock:
+            self._arrived.append(outcome)
+            wake, self._draining = not self._draining, True
+        if wake:
+            self.loop.call_soon_threadsafe(self.loop.call_later, HANDOVER, self.drain)
 
     # associations: one thread each, blocking I/O -------------------------------------
     # Each association is a strict request-response sequence, so a thread per
@@ -229,7 +262,7 @@ class Listener:
                         if not control & 2:
                             continue
                         message = _Message(context_id, net.decode_command(
-                            b"".join(command_parts)), association, self.incoming)
+                            b"".join(command_parts)), association, self.spool)
                         command_parts = []
                         if not message.has_data_set:
                             self._answer(conn, association, message)
@@ -255,7 +288,7 @@ class Listener:
         sop_class = str(command.get(net.AFFECTED_SOP_CLASS, ""))
         sop = str(command.get(net.AFFECTED_SOP_INSTANCE, ""))
         abstract = association.contexts[message.context_id][0]
-        status = net.SUCCESS
+        status, stored = net.SUCCESS, None
         if field == net.C_CANCEL_RQ:
             return 0  # nothing to cancel: each operation is answered before the next
         if field == net.C_ECHO_RQ:
@@ -266,7 +299,7 @@ class Listener:
                 status = net.SOP_CLASS_NOT_SUPPORTED
                 message.discard()
             else:
-                status = self._store(message, sop, association.calling_ae)
+                status, stored = self._store(message, sop, association.calling_ae)
             response = net.encode_response(net.C_STORE_RSP, message_id, status,
                                            sop_class, sop)
         else:
@@ -276,27 +309,30 @@ class Listener:
                                            sop_class)
         conn.sendall(b"".join(net.p_data(message.context_id, True, response,
                                          association.peer_max_pdu)))
+        if stored is not None:
+            # While the peer gets its next instance ready.
+            self._hand_over(*stored)
         return int(field == net.C_STORE_RQ and status == net.SUCCESS)
 
-    def _store(self, message: _Message, sop: str, calling: str) -> int:
-        """Parse what arrived, write it atomically, hand the record over."""
+    def _store(self, message: _Message, sop: str, calling: str
+               ) -> tuple[int, tuple[Path, InstanceRecord, os.stat_result] | None]:
+        """Parse what arrived and write it atomically: the status, and on success
+        what the record needs."""
         try:
             record = message.record(self.folder / "x.dcm", self.root, self.label)
         except OSError as exc:
             message.discard()
-            log.error("C-STORE from %s refused: cannot write a temporary file: %s",
+            log.error("C-STORE from %s refused: cannot write to the spool: %s",
                       calling, exc.strerror or exc)
-            return net.OUT_OF_RESOURCES
-        if not isinstance(record, InstanceRecord) or record.sop_instance_uid != sop \
-                or not all(_UID.fullmatch(u) and len(u) <= 64 for u in (
-                    record.study_instance_uid, record.series_instance_uid, sop)):
+            return net.OUT_OF_RESOURCES, None
+        final = self._final(record, sop)
+        if final is None:
             message.discard()
             detail = record.detail if isinstance(record, Rejection) else "its UIDs"
             log.warning("C-STORE from %s refused: not an instance with valid UIDs (%s)",
                         calling, detail)
-            return net.CANNOT_UNDERSTAND
-        final = self.folder / record.study_instance_uid / record.series_instance_uid \
-            / f"{sop}.dcm"
+            return net.CANNOT_UNDERSTAND, None
+        assert isinstance(record, InstanceRecord)
         with self._lock:
             self.in_flight.add(str(final))
         try:
@@ -306,26 +342,39 @@ class Listener:
                 self.in_flight.discard(str(final))
             log.error("C-STORE from %s refused: cannot write %s: %s", calling, final,
                       exc.strerror or exc)
-            return net.OUT_OF_RESOURCES
-        rel = reader.display_path(final, self.root, self.label)
-        text = record_text(replace(record, path=rel, size=st.st_size, mtime=st.st_mtime))
-        # The file is durable now, so success can be answered: the record joins the
-        # outbox with the next commit, and if the watcher dies first, its start-up
-        # walk finds the file (not in its memory of delivered files) and reads it.
-        self.loop.call_soon_threadsafe(
-            self._accepted, Outcome(os.fsencode(final), st.st_size, st.st_mtime_ns, text))
-        return net.SUCCESS
+            return net.OUT_OF_RESOURCES, None
+        # The file is durable now (or whole in the spool, which puts it in place at the
+        # next start), so success can be answered. Its record is handed over after
+        # the response; if the watcher dies first, its start-up walk finds the file
+        # (not in its memory of delivered files) and reads it.
+        return net.SUCCESS, (final, record, st)
+
+
+    def _final(self, record: InstanceRecord | Rejection | None, sop: str) -> Path | None:
+        """Where an instance is stored, or None when its UIDs cannot name a file."""
+        if not isinstance(record, InstanceRecord) or record.sop_instance_uid != sop \
+                or not all(_UID.fullmatch(u) and len(u) <= 64 for u in (
+                    record.study_instance_uid, record.series_instance_uid, sop)):
+            return None
+        return self.folder / record.study_instance_uid / record.series_instance_uid \
+            / f"{sop}.dcm"
+
+    def _final_of(self, spooled: Path) -> Path | None:
+        record = reader.read_file(spooled, spooled.parent, self.label)
+        sop = record.sop_instance_uid if isinstance(record, InstanceRecord) else ""
+        return self._final(record, sop)
 
 
 class _Message:
     """One DIMSE message being received: its command, and its data set in memory,
-    or, past SPILL_BYTES, in its temporary file (an instance may be gigabytes)."""
+    or, past SPILL_BYTES, in its spool file as it arrives (an instance may be
+    gigabytes)."""
 
     def __init__(self, context_id: int, command: dict[int, str | int],
-                 association: net.Association, incoming: Path) -> None:
+                 association: net.Association, spool: Spool) -> None:
         self.context_id, self.command = context_id, command
         self.has_data_set = command.get(net.DATA_SET_TYPE, net.NO_DATA_SET) != net.NO_DATA_SET
-        self.incoming = incoming
+        self.spool = spool
         # Everything the file meta needs is in the command and the context.
         self.meta = net.file_meta(
             str(command.get(net.AFFECTED_SOP_CLASS, "")),
@@ -333,77 +382,65 @@ class _Message:
             association.contexts[context_id][1], association.calling_ae)
         self.parts: list[bytes | memoryview] = [self.meta]
         self.size = 0
-        self.spilled: Path | None = None
-        self._file: BinaryIO | None = None
+        self.entry: Entry | None = None  # once spilled, or once complete
+        self.error: OSError | None = None  # the spool refused it: answered as such
 
     def add(self, fragment: memoryview) -> None:
+        if self.error is not None:
+            return  # the rest of a message that fails anyway
         self.size += len(fragment)
-        if self._file is not None:
-            self._file.write(fragment)
-            return
-        self.parts.append(fragment)
-        if self.size > SPILL_BYTES:
-            self.spilled = self.incoming / f"spill.{secrets.token_hex(8)}.part"
-            self._file = self.spilled.open("wb")
-            self._file.writelines(self.parts)
-            self.parts = []
+        if self.entry is None:
+            self.parts.append(fragment)
+            if self.size <= SPILL_BYTES:
+                return
+        self._spool(fragment if self.entry is not None else None)
 
     def record(self, path: Path, root: Path,
                label: str) -> InstanceRecord | Rejection | None:
-        """The record, from the bytes in memory (or the header of the spilled file)."""
-        if self._file is None:
-            data = b"".join(self.parts)
-            self.parts = [data]
-            return reader.read_bytes(data, path, root, label)
-        self._file.close()
-        self._file = None
-        assert self.spilled is not None
-        # (its path is replaced with the final one once written)
-        return reader.read_file(self.spilled, self.spilled.parent, label)
+        """Start the write, then parse: the record, from the bytes in memory (or the
+        header of the spool file). Raises OSError when the spool refuses the data."""
+        if self.error is not None:
+            raise self.error
+        if self.entry is not None:
+            self.entry.write_back()
+            # (its path is replaced with the final one once written)
+            return reader.read_file(Path(self.entry.path), self.spool.folder, label)
+        data = b"".join(self.parts)
+        self.parts = []
+        self._spool(data)
+        if self.error is not None:
+            raise self.error
+        assert self.entry is not None
+        # The disk starts on it while it is parsed; `write` waits for the rest.
+        self.entry.write_back()
+        return reader.read_bytes(data, path, root, label)
 
     def write(self, final: Path) -> os.stat_result:
-        """Sync, rename into place, sync the folder: after a crash the final name
-        holds the whole file or nothing."""
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if self.spilled is None:
-            temporary = self.incoming / f"{final.stem}.{secrets.token_hex(4)}.part"
-            try:
-                with temporary.open("wb") as fh:
-                    fh.write(self.parts[0])
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            except BaseException:
-                temporary.unlink(missing_ok=True)
-                raise
-        else:
-            temporary = self.spilled
-            fd = os.open(temporary, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        try:
-            st = os.stat(temporary)
-            os.replace(temporary, final)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        self.spilled, self.parts = None, []
-        folder = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-        return st
+        """Synced and placed under `final`: after a crash, the final name holds the
+        whole file or nothing, or the spool holds it whole for the next start."""
+        entry, self.entry = self.entry, None
+        assert entry is not None, "record() spools the data set first"
+        return entry.commit(final)
 
     def discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self.spilled is not None:
-            self.spilled.unlink(missing_ok=True)
-            self.spilled = None
+        if self.entry is not None:
+            self.entry.discard()
+            self.entry = None
         self.parts = []
+
+    def _spool(self, data: bytes | memoryview | None) -> None:
+        """Write `data`, or what is held in memory, to the spool file."""
+        try:
+            if self.entry is None:
+                self.entry = self.spool.take()
+                for part in self.parts if data is None else [data]:
+                    self.entry.write(part)
+                self.parts = []
+            elif data is not None:
+                self.entry.write(data)
+        except OSError as exc:
+            self.error = exc
+            self.discard()
 
 
 def _recv_pdu(conn: socket.socket) -> tuple[int, memoryview]:
@@ -435,9 +472,9 @@ def _send_quietly(conn: socket.socket, data: bytes) -> None:
 
 
 def _incoming(folder: Path, scratch: Path | None) -> Path:
-    """Where instances are written before the rename: `scratch` (the watcher's state
-    folder) when it is on the same file system, so that the rename stays atomic and
-    the writes raise no file events in the watched tree; else a hidden folder there."""
+    """The spool folder: in `scratch` (the watcher's state folder) when it is on the
+    same file system, so that links and renames into place work and the writes
+    raise no file events in the watched tree; else a hidden folder there."""
     folder.mkdir(parents=True, exist_ok=True)
     if scratch is not None:
         candidate = scratch / "incoming"

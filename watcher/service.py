@@ -58,6 +58,10 @@ PENDING_LIMIT = 5000
 RESULTS_LIMIT = 2000
 STATE_RETRY_MAX = 5.0  # seconds between attempts to write to a full or read-only state
 DONE_POLL = 0.05  # seconds between checks, with `once`, that everything is acknowledged
+# While results stream in, the outbox commits at most this often. A commit waits for
+# the disk, and so does the hub's for the batch that follows it: one result at a
+# time (the DICOM listener's) would cost two waits each.
+GROUP_COMMIT = 0.005
 _TEMP_SUFFIXES = (".tmp", ".part", "~")
 _REJECTION = '{"kind":"rejection",'  # an outbox record of a rejection (record_text)
 
@@ -141,9 +145,12 @@ class Watcher:
                 self.listener = self._listener(loop)
                 await asyncio.to_thread(self.listener.start)
             if not self.once:
+                # The listener hands over what it stores itself; files others put in
+                # its folder are found by the reconciliation walks.
                 observer = self.observer = start_observer(
                     self.roots, self._on_change, polling=self.config.polling,
-                    poll_interval=self.config.poll_interval)
+                    poll_interval=self.config.poll_interval,
+                    exclude=[self.listener.folder] if self.listener else [])
             tasks = [asyncio.create_task(c, name=n) for n, c in (
                 ("link", self.link.run()),
                 ("settle", self._settle_loop()),
@@ -166,6 +173,7 @@ class Watcher:
         finally:
             if self.listener is not None:
                 await asyncio.to_thread(self.listener.stop)
+                self.listener.drain()  # what it stored last joins the results kept below
             if observer is not None:
                 observer.stop()
             for task in tasks:
@@ -401,8 +409,13 @@ class Watcher:
         assert self.link is not None
         retries = None
         last_error = ""
+        committed = -GROUP_COMMIT
         while True:
             await self._results_ready.wait()
+            wait = group_delay(committed, time.monotonic(), len(self._results),
+                               self.config.batch_size)
+            if wait > 0:
+                await asyncio.sleep(wait)
             self._results_ready.clear()
             batch = list(self._results)
             if not batch:
@@ -426,9 +439,16 @@ class Watcher:
             if retries is not None:
                 retries, self._state_failing = None, False
                 log.warning("the state folder takes writes again; reading new files resumes")
+            committed = time.monotonic()
             del self._results[:len(batch)]
             self._stored.set()
             self.link.wake()
+
+
+def group_delay(committed: float, now: float, waiting: int, batch_size: int) -> float:
+    """How long to gather results before the next commit: until GROUP_COMMIT after
+    the last one, unless a batch is already waiting."""
+    return 0.0 if waiting >= batch_size else max(0.0, committed + GROUP_COMMIT - now)
 
 
 def _limited(delays: Iterator[float], attempts: int) -> Iterator[float]:
