@@ -6,10 +6,12 @@ per instance. The plain sequence (create a temporary file, write, fsync, rename,
 fsync the folder) waits twice, and creating a file costs about as much again.
 The spool takes two of the three out of the instance's path:
 
-- Files are created ahead, empty, by a thread of the spool's own, and their folder
-  is synced once for many: each is a name that already survives a crash.
-- An instance is written into one, with its size and CRC-32 in an extended
-  attribute, and synced: the one wait. It is then linked under its final name and
+- Files are created ahead, empty, by a thread of the spool's own at the lowest
+  priority, each synced and then their folder once for many: each is a name that
+  already survives a crash.
+- An instance is written into one as soon as it is complete (the disk starts on it
+  while it is parsed), with its size and CRC-32 in an extended attribute, and
+  synced: the one wait. It is then linked under its final name and
   success can be answered. Should that link not survive a power failure, the spool
   file does, whole and verifiable, and `recover` links it again at the next start.
 - The same thread then syncs the final folders, many instances at a time, and only
@@ -243,6 +245,10 @@ class Spool:
         try:
             while len(self._ready) + len(made) < AHEAD:
                 made.append(self._create())
+                # Synced now, the new file is no longer new to the file system: the
+                # instance's own sync then writes the file and not its folder too
+                # (ext4 syncs the folder of a file never synced before).
+                os.fsync(made[-1][1])
             if made:
                 _sync_folder(self.folder)
         except BaseException:
