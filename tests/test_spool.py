@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +77,19 @@ def test_an_instance_sent_again_replaces_the_first(spool: Spool, tmp_path: Path)
     assert final.read_bytes() == DATA[:-1] + b"!"
     spool.stop()
     assert list(spool.folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("linking", [True, False])
+def test_a_folder_removed_while_running_is_made_again(
+        spool: Spool, tmp_path: Path, linking: bool) -> None:
+    spool.linking = linking
+    write(spool, final_path(tmp_path, 1))
+    spool.stop()  # settled: nothing of it is left in the spool
+    shutil.rmtree(tmp_path / "store" / "1.2.3")  # someone tidies up the store
+    spool.start()
+    spool.linking = linking
+    write(spool, final_path(tmp_path, 2))
+    assert final_path(tmp_path, 2).read_bytes() == DATA
 
 
 def test_without_links_each_instance_is_renamed_and_synced_before_its_answer(

@@ -153,6 +153,17 @@ class Spool:
         """Give `entry`, written and synced, its final name; durable on return,
         or recoverable from the spool."""
         self.make_folder(final.parent)
+        try:
+            self._name(entry, final)
+        except FileNotFoundError:
+            # Its folder was removed since it was made (someone tidied up): again.
+            with self._folders:
+                for level in (final.parent, *final.parent.parents):
+                    self._durable.pop(str(level), None)
+            self.make_folder(final.parent)
+            self._name(entry, final)
+
+    def _name(self, entry: Entry, final: Path) -> None:
         if self.linking and entry.attributed:
             try:
                 os.link(entry.path, final)
@@ -168,7 +179,8 @@ class Spool:
                     self._wake.notify()
                 return
         if entry.attributed:
-            os.removexattr(entry.path, XATTR)  # only the spool needs it
+            with contextlib.suppress(OSError):
+                os.removexattr(entry.path, XATTR)  # only the spool needs it
         os.replace(entry.path, final)
         _sync_folder(final.parent)
 
@@ -203,6 +215,7 @@ class Spool:
         # machine it yields the processor to the associations.
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        failing = False
         while True:
             with self._wake:
                 while not (self._linked or self._stopping or len(self._ready) < AHEAD // 2):
@@ -219,25 +232,37 @@ class Spool:
                     self._refill()
                 except OSError as exc:
                     # Instances are then spooled one by one, and fail if this does.
-                    log.warning("DICOM spool %s: cannot create files ahead: %s",
-                                self.folder, exc.strerror or exc)
+                    if not failing:
+                        log.warning("DICOM spool %s: cannot create files ahead: %s; "
+                                    "retrying every second", self.folder,
+                                    exc.strerror or exc)
+                    failing = True
                     with self._wake:
                         self._wake.wait(1.0)
+                else:
+                    if failing:
+                        log.info("DICOM spool %s: creating files ahead again", self.folder)
+                    failing = False
 
     def _settle(self, linked: list[tuple[str, str]]) -> None:
         """Make the final names durable, then drop the spool names."""
         synced: set[str] = set()
+        failed: set[str] = set()
         for path, folder in linked:
+            if folder in failed:
+                continue
             if folder not in synced:
                 try:
                     _sync_folder(Path(folder))
                 except OSError as exc:
                     # The spool name stays: the next start links it again if needed.
                     log.error("DICOM spool: cannot sync %s: %s", folder, exc.strerror or exc)
+                    failed.add(folder)
                     continue
                 synced.add(folder)
             with contextlib.suppress(OSError):
                 os.removexattr(path, XATTR)  # the final name shares it: only the spool needs it
+            with contextlib.suppress(OSError):
                 os.unlink(path)
 
     def _refill(self) -> None:
