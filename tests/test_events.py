@@ -4,6 +4,7 @@ of the watch (real observers on real folders)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -56,16 +57,24 @@ async def test_a_folder_left_out_raises_no_events(tmp_path: Path, polling: bool)
     left_out = root / "dicom"
     (left_out / "1.2").mkdir(parents=True)
     changes: list[Change] = []
-    marker_seen = asyncio.Event()
+    seen = {"ready.dcm": asyncio.Event(), "marker.dcm": asyncio.Event()}
 
     def deliver(change: Change) -> None:
         changes.append(change)
-        if change.path.endswith("marker.dcm"):
-            marker_seen.set()
+        if (name := Path(change.path).name) in seen:
+            seen[name].set()
 
     observer = start_observer([root], deliver, polling=polling, poll_interval=0.1,
                               exclude=[left_out])
     try:
+        # Watching has begun (watches added, first snapshot taken) once a file
+        # written after the start is reported; a busy machine can take a while.
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while not seen["ready.dcm"].is_set():
+            assert asyncio.get_running_loop().time() < deadline, "no event at all"
+            (root / "ready.dcm").write_bytes(b"r")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(seen["ready.dcm"].wait(), 0.5)
         (left_out / "1.2" / "a.dcm").write_bytes(b"a")  # in a folder there at the start
         (left_out / "3.4" / "5.6").mkdir(parents=True)  # and in folders made since
         (left_out / "3.4" / "5.6" / "b.dcm").write_bytes(b"b")
@@ -73,7 +82,7 @@ async def test_a_folder_left_out_raises_no_events(tmp_path: Path, polling: bool)
         (root / "elsewhere" / "marker.dcm").write_bytes(b"m")
         # Events come in order (one inotify queue; one snapshot when polling): had
         # the left-out files raised any, they would be here before the marker's.
-        await asyncio.wait_for(marker_seen.wait(), TIMEOUT)
+        await asyncio.wait_for(seen["marker.dcm"].wait(), TIMEOUT)
     finally:
         observer.stop()
         await asyncio.to_thread(observer.join, TIMEOUT)
