@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,17 @@ def test_an_instance_is_placed_whole_and_the_spool_settles(spool: Spool, tmp_pat
     assert held(spool.folder) == [] and list(spool.folder.iterdir()) == []
     assert XATTR not in os.listxattr(final)  # only the spool needed it
     assert oct(final.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def test_a_synced_instance_leaves_the_page_cache(spool: Spool, tmp_path: Path) -> None:
+    fincore = shutil.which("fincore")
+    if fincore is None:
+        pytest.skip("fincore is not installed (apt-get install util-linux-extra)")
+    final = final_path(tmp_path)
+    write(spool, final, DATA * 8)  # 1 MB
+    resident = subprocess.run([fincore, "--bytes", "--noheadings", "--output", "RES",
+                               str(final)], capture_output=True, text=True, check=True)
+    assert int(resident.stdout) == 0
 
 
 def test_files_are_made_ahead_and_made_on_demand_when_none_is_ready(tmp_path: Path) -> None:
