@@ -57,7 +57,7 @@ async def test_a_folder_left_out_raises_no_events(tmp_path: Path, polling: bool)
     left_out = root / "dicom"
     (left_out / "1.2").mkdir(parents=True)
     changes: list[Change] = []
-    seen = {"ready.dcm": asyncio.Event(), "marker.dcm": asyncio.Event()}
+    seen = {name: asyncio.Event() for name in ("ready.dcm", "marker.dcm", "last.dcm")}
 
     def deliver(change: Change) -> None:
         changes.append(change)
@@ -80,9 +80,11 @@ async def test_a_folder_left_out_raises_no_events(tmp_path: Path, polling: bool)
         (left_out / "3.4" / "5.6" / "b.dcm").write_bytes(b"b")
         (root / "elsewhere").mkdir()
         (root / "elsewhere" / "marker.dcm").write_bytes(b"m")
-        # Events come in order (one inotify queue; one snapshot when polling): had
-        # the left-out files raised any, they would be here before the marker's.
         await asyncio.wait_for(seen["marker.dcm"].wait(), TIMEOUT)
+        # Events are delivered in order: what the changes above raised (with polling,
+        # in any order within one snapshot) is all here once a later file's is.
+        (root / "elsewhere" / "last.dcm").write_bytes(b"l")
+        await asyncio.wait_for(seen["last.dcm"].wait(), TIMEOUT)
     finally:
         observer.stop()
         await asyncio.to_thread(observer.join, TIMEOUT)
