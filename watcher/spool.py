@@ -13,7 +13,7 @@ The spool takes two of the three out of the instance's path:
   while it is parsed), with its size and CRC-32 in an extended attribute, and
   synced: the one wait. It is then linked under its final name and
   success can be answered. Should that link not survive a power failure, the spool
-  file does, whole and verifiable, and `recover` links it again at the next start.
+  file does, whole and verifiable, and `recover` puts it in place at the next start.
 - The same thread then syncs the final folders, many instances at a time, and only
   then removes the spool names.
 
@@ -290,14 +290,16 @@ class Spool:
     # after a crash ----------------------------------------------------------------------
 
     def recover(self, final_of: Callable[[Path], Path | None]) -> int:
-        """At start, before `start`: link again every spool file that holds a whole
-        instance (it may have been answered), remove the rest (never answered).
-        `final_of` names a file's final path, or None when it cannot. Returns how
-        many were linked again."""
+        """At start, before `start`: put in place every spool file that holds a
+        whole instance (it may have been answered) and whose final name is missing,
+        remove the rest (never answered). `final_of` names a file's final path, or
+        None when it cannot. Returns how many were put in place."""
         recovered = 0
         if not self.folder.is_dir():
             return 0
-        for entry in os.scandir(self.folder):
+        with os.scandir(self.folder) as listing:
+            entries = list(listing)  # renamed and removed below: list them first
+        for entry in entries:
             path = Path(entry.path)
             if not entry.name.startswith(PREFIX):
                 if entry.name.endswith(".part"):  # an earlier version's, never answered
