@@ -339,6 +339,63 @@ async def test_instances_streaming_in_are_paced_below_the_hubs_message_limit(
     assert running.watcher.link.connected.is_set()
 
 
+async def test_a_watcher_killed_mid_study_keeps_every_acknowledged_instance_whole(
+        tmp_path: Path, services: list[Service]) -> None:
+    command = storescu()
+    hub, url, key, read_key = await hub_with_keys(tmp_path, services, "hub1")
+    port = free_port()
+    (tmp_path / "watcher.toml").write_text(textwrap.dedent(f"""\
+        [watcher]
+        hub_url = "{url.replace('http', 'ws', 1)}/ws/ingest"
+        workers = 1
+        [watcher.dicom]
+        enabled = true
+        port = {port}
+        """))
+    sent = {}
+    for n in range(300):
+        ds = instance(n % 3, n, "1.2.826.0.1.3680043.8.1055.17")
+        sent[ds.SOPInstanceUID] = ds
+        factory.write(tmp_path / "outgoing" / f"{n:04d}.dcm", ds)
+
+    async def start(name: str) -> Service:
+        watcher = await Service.start("watch", "--config", "watcher.toml", cwd=tmp_path,
+                                      env={"DICOMHUB_KEY": key}, name=name)
+        services.append(watcher)
+        await watcher.logged(r"DICOM listener")
+        return watcher
+
+    first = await start("watcher1")
+    sender = await asyncio.create_subprocess_exec(
+        command, "-v", "-aet", "STORESCU", "-aec", CALLED, "+sd", "127.0.0.1", str(port),
+        str(tmp_path / "outgoing"), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"})
+    assert sender.stdout is not None
+    acknowledged = 0
+    while acknowledged < 100:
+        line = await asyncio.wait_for(sender.stdout.readline(), TIMEOUT)
+        assert line, "storescu ended early"
+        acknowledged += b"Received Store Response (Success)" in line
+    assert await first.stop(signal.SIGKILL) == -signal.SIGKILL  # mid-study
+    await asyncio.wait_for(sender.communicate(), TIMEOUT)
+    second = await start("watcher2")
+    async with aiohttp.ClientSession() as http:
+        api = Api(http, url, read_key)
+
+        async def indexed() -> bool:
+            return (await api.get("/api/stats"))["instances"] >= acknowledged
+
+        await wait_for(indexed, "every acknowledged instance to be indexed")
+    store = tmp_path / "inbox" / "dicom"
+    stored = sorted(store.rglob("*.dcm"))
+    # What was acknowledged, and at most the one in flight, each whole: every
+    # element as sent, pixels included (a half-written file would not be).
+    assert acknowledged <= len(stored) <= acknowledged + 1
+    for path in stored:
+        assert pydicom.dcmread(path) == sent[path.stem]
+    assert await second.stop() == 0
+
+
 async def test_a_busy_dicom_port_is_one_clear_line(tmp_path: Path) -> None:
     from procs import run_cli
 
