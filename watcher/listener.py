@@ -349,7 +349,6 @@ class Listener:
         # (not in its memory of delivered files) and reads it.
         return net.SUCCESS, (final, record, st)
 
-
     def _final(self, record: InstanceRecord | Rejection | None, sop: str) -> Path | None:
         """Where an instance is stored, or None when its UIDs cannot name a file."""
         if not isinstance(record, InstanceRecord) or record.sop_instance_uid != sop \
