@@ -173,6 +173,20 @@ def file_system(folder: str, mount: Mount | None, polling: bool) -> Finding:
                 "a share raise no kernel events here")
 
 
+def dicom_spool(folder: str, attributes: bool | None, fstype: str) -> Finding:
+    """The DICOM listener's path to disk where it stores: `attributes` says whether
+    the file system takes extended attributes (None: could not be told)."""
+    where = f"{folder} ({fstype})" if fstype else folder
+    if attributes is None:
+        return ok("dicom spool", f"{where}: cannot tell whether it takes extended "
+                                 "attributes; the listener says at start")
+    if attributes:
+        return ok("dicom spool", f"{where}: extended attributes, one sync per instance")
+    return warn("dicom spool", f"{where}: no extended attributes",
+                "instances are still stored safely, with two more syncs each; for the "
+                "fastest path put store_into on a local file system (ext4, xfs)")
+
+
 # inotify -----------------------------------------------------------------------------------
 
 

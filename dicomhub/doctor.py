@@ -9,6 +9,7 @@ code is 0 when all is ok, 1 for warnings only, 2 for any failure.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import http.client
 import json
@@ -121,11 +122,32 @@ def _watcher(config: WatcherConfig, environ: Mapping[str, str]) -> list[Finding]
         if not problem:
             mount = checks.mount_of(os.path.realpath(root), mounts)
             findings.append(checks.file_system(str(root), mount, config.polling))
+    if config.dicom.enabled:
+        findings += _guarded("dicom spool", lambda: [_dicom_spool(config, mounts)])
     findings += _guarded("inotify", lambda: _inotify(config.polling, folders))
     findings += _guarded("free space", lambda: [_free_space("watcher state",
                                                             config.state_dir)])
     findings += _hubs(config, environ)
     return findings
+
+
+def _dicom_spool(config: WatcherConfig, mounts: list[checks.Mount]) -> Finding:
+    """Read-only: asking for an attribute nobody set answers "no such attribute"
+    where attributes are supported, "not supported" where they are not."""
+    folder = Path(config.dicom_folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    mount = checks.mount_of(os.path.realpath(existing), mounts)
+    attributes: bool | None = None
+    try:
+        if hasattr(os, "getxattr"):  # Linux
+            os.getxattr(existing, "user.dicomhub.doctor")
+            attributes = True
+    except OSError as exc:
+        attributes = True if exc.errno == errno.ENODATA else \
+            False if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) else None
+    return checks.dicom_spool(str(folder), attributes, mount.fstype if mount else "")
 
 
 def _folder(root: Path) -> tuple[str, int]:

@@ -108,6 +108,14 @@ def test_a_local_file_system_is_ok() -> None:
     assert checks.file_system("/x", None, polling=False).status is Status.OK
 
 
+def test_the_dicom_spool_without_extended_attributes_warns() -> None:
+    assert checks.dicom_spool("/in/dicom", True, "ext4").status == Status.OK
+    slower = checks.dicom_spool("/mnt/share/dicom", False, "cifs")
+    assert slower.status == Status.WARN and "two more syncs" in slower.fix
+    assert "(cifs)" in slower.found
+    assert checks.dicom_spool("/in/dicom", None, "").status == Status.OK
+
+
 def test_inotify_watches_against_folders() -> None:
     assert checks.inotify_watches(8192, 1000).status is Status.OK
     assert checks.inotify_watches(8192, 7000).status is Status.WARN  # over 80 %
@@ -292,6 +300,20 @@ def test_a_broken_config_is_one_line(tmp_path: Path, text: str) -> None:
     assert line.startswith("FAIL  config") and "skipped" in line
     assert ("'hub.port' has value 'abc'" in line) or ("not valid TOML" in line)
     assert "Traceback" not in result.stderr
+
+
+def test_the_listeners_file_system_is_asked_for_extended_attributes(
+        tmp_path: Path, closed_port: int) -> None:
+    watcher_config(tmp_path, closed_port)
+    _, findings = run_doctor(tmp_path, "--config", "watcher.toml")
+    assert named(findings, "dicom spool") == []  # the listener is off
+    (tmp_path / "watcher.toml").write_text((tmp_path / "watcher.toml").read_text()
+                                           + "[watcher.dicom]\nenabled = true\n")
+    _, findings = run_doctor(tmp_path, "--config", "watcher.toml")
+    [spool] = named(findings, "dicom spool")
+    assert spool["status"] == "ok" and "one sync per instance" in spool["found"]
+    assert "inbox/dicom" in spool["found"]  # not made yet: asked where it will be
+    assert not (tmp_path / "inbox").exists()  # and nothing written to find out
 
 
 def test_a_missing_watch_folder(tmp_path: Path, closed_port: int) -> None:
