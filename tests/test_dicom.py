@@ -179,12 +179,7 @@ async def test_a_sender_killed_mid_association_loses_only_what_was_not_acknowled
     sender = await asyncio.create_subprocess_exec(
         command, "-v", "-aet", "STORESCU", "-aec", CALLED, "+sd", "127.0.0.1", str(port),
         str(outgoing), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    assert sender.stdout is not None
-    acknowledged = 0
-    while acknowledged < 100:
-        line = await asyncio.wait_for(sender.stdout.readline(), TIMEOUT)
-        assert line, "storescu ended early"
-        acknowledged += b"Received Store Response (Success)" in line
+    acknowledged = await successes(sender, 100)
     sender.kill()
     await sender.wait()
     # Whatever the peer heard as success is indexed; at most the one in flight is too.
@@ -200,6 +195,42 @@ async def test_a_sender_killed_mid_association_loses_only_what_was_not_acknowled
     await spool_settled(listening.watcher.listener)
 
 
+async def successes(sender: asyncio.subprocess.Process, wanted: int) -> int:
+    """Read a `storescu -v` until it has heard `wanted` success responses."""
+    assert sender.stdout is not None
+    heard = 0
+    while heard < wanted:
+        line = await asyncio.wait_for(sender.stdout.readline(), TIMEOUT)
+        assert line, "storescu ended early"
+        heard += b"Received Store Response (Success)" in line
+    return heard
+
+
+def listener_config(folder: Path, url: str) -> int:
+    """watcher.toml in `folder`: a watcher of the hub at `url` with its listener on
+    a free port, which it returns."""
+    port = free_port()
+    (folder / "watcher.toml").write_text(textwrap.dedent(f"""\
+        [watcher]
+        hub_url = "{url.replace('http', 'ws', 1)}/ws/ingest"
+        workers = 1
+        [watcher.dicom]
+        enabled = true
+        port = {port}
+        """))
+    return port
+
+
+async def start_listening(folder: Path, services: list[Service], key: str,
+                          name: str) -> Service:
+    """A watcher process on `folder`'s watcher.toml, once its listener is up."""
+    watcher = await Service.start("watch", "--config", "watcher.toml", cwd=folder,
+                                  env={"DICOMHUB_KEY": key}, name=name)
+    services.append(watcher)
+    await watcher.logged(r"DICOM listener")
+    return watcher
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -209,30 +240,15 @@ def free_port() -> int:
 async def test_a_watcher_killed_right_after_success_still_indexes_the_instance(
         tmp_path: Path, services: list[Service]) -> None:
     hub, url, key, read_key = await hub_with_keys(tmp_path, services, "hub1")
-    port = free_port()
-    (tmp_path / "watcher.toml").write_text(textwrap.dedent(f"""\
-        [watcher]
-        hub_url = "{url.replace('http', 'ws', 1)}/ws/ingest"
-        workers = 1
-        [watcher.dicom]
-        enabled = true
-        port = {port}
-        """))
+    port = listener_config(tmp_path, url)
 
-    async def start(name: str) -> Service:
-        watcher = await Service.start("watch", "--config", "watcher.toml", cwd=tmp_path,
-                                      env={"DICOMHUB_KEY": key}, name=name)
-        services.append(watcher)
-        await watcher.logged(r"DICOM listener")
-        return watcher
-
-    first = await start("watcher1")
+    first = await start_listening(tmp_path, services, key, "watcher1")
     assert await hub.stop() == 0  # so the record can only be in the watcher's outbox
     ds = instance(0, 1, "1.2.826.0.1.3680043.8.1055.12")
     assert await asyncio.to_thread(send, port, [ds]) == [0]
     assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
     hub = await restart_hub(tmp_path, services, url, "hub2")
-    second = await start("watcher2")
+    second = await start_listening(tmp_path, services, key, "watcher2")
     async with aiohttp.ClientSession() as http:
         api = Api(http, url, read_key)
 
@@ -343,42 +359,22 @@ async def test_a_watcher_killed_mid_study_keeps_every_acknowledged_instance_whol
         tmp_path: Path, services: list[Service]) -> None:
     command = storescu()
     hub, url, key, read_key = await hub_with_keys(tmp_path, services, "hub1")
-    port = free_port()
-    (tmp_path / "watcher.toml").write_text(textwrap.dedent(f"""\
-        [watcher]
-        hub_url = "{url.replace('http', 'ws', 1)}/ws/ingest"
-        workers = 1
-        [watcher.dicom]
-        enabled = true
-        port = {port}
-        """))
+    port = listener_config(tmp_path, url)
     sent = {}
     for n in range(300):
         ds = instance(n % 3, n, "1.2.826.0.1.3680043.8.1055.17")
         sent[ds.SOPInstanceUID] = ds
         factory.write(tmp_path / "outgoing" / f"{n:04d}.dcm", ds)
 
-    async def start(name: str) -> Service:
-        watcher = await Service.start("watch", "--config", "watcher.toml", cwd=tmp_path,
-                                      env={"DICOMHUB_KEY": key}, name=name)
-        services.append(watcher)
-        await watcher.logged(r"DICOM listener")
-        return watcher
-
-    first = await start("watcher1")
+    first = await start_listening(tmp_path, services, key, "watcher1")
     sender = await asyncio.create_subprocess_exec(
         command, "-v", "-aet", "STORESCU", "-aec", CALLED, "+sd", "127.0.0.1", str(port),
         str(tmp_path / "outgoing"), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"})
-    assert sender.stdout is not None
-    acknowledged = 0
-    while acknowledged < 100:
-        line = await asyncio.wait_for(sender.stdout.readline(), TIMEOUT)
-        assert line, "storescu ended early"
-        acknowledged += b"Received Store Response (Success)" in line
+    acknowledged = await successes(sender, 100)
     assert await first.stop(signal.SIGKILL) == -signal.SIGKILL  # mid-study
     await asyncio.wait_for(sender.communicate(), TIMEOUT)
-    second = await start("watcher2")
+    second = await start_listening(tmp_path, services, key, "watcher2")
     async with aiohttp.ClientSession() as http:
         api = Api(http, url, read_key)
 
