@@ -13,8 +13,7 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Spend one token; False when none is left (the caller refuses the event)."""
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
+        self.tokens, self.updated = self._available(now), now
         if self.tokens < 1:
             return False
         self.tokens -= 1
@@ -22,5 +21,8 @@ class TokenBucket:
 
     def delay(self, now: float) -> float:
         """Seconds until `take` would succeed; 0 when it would now."""
-        tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        tokens = self._available(now)
         return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def _available(self, now: float) -> float:
+        return min(self.burst, self.tokens + (now - self.updated) * self.rate)
