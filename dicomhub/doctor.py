@@ -135,9 +135,7 @@ def _dicom_spool(config: WatcherConfig, mounts: list[checks.Mount]) -> Finding:
     """Read-only: asking for an attribute nobody set answers "no such attribute"
     where attributes are supported, "not supported" where they are not."""
     folder = Path(config.dicom_folder)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(folder)
     mount = checks.mount_of(os.path.realpath(existing), mounts)
     attributes: bool | None = None
     try:
@@ -197,11 +195,16 @@ def _inotify(polling: bool, folders: int) -> list[Finding]:
     return [checks.inotify_watches(watches, folders), checks.inotify_queue(queue)]
 
 
+def _nearest_existing(folder: Path) -> Path:
+    """`folder`, or the nearest of its ancestors that exists (it is not made yet)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def _free_space(what: str, folder: Path) -> Finding:
     """Measured where the folder is, or will be: its nearest existing ancestor."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(folder)
     where = str(folder) if existing == folder else \
         f"{folder} (not made yet; measured at {existing})"
     st = os.statvfs(existing)
